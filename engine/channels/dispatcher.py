@@ -1,0 +1,169 @@
+"""Deliveries: one task per destination sends queued rows in order, retries with backoff, then dead."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import tenacity
+from sqlalchemy import insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from engine.channels.journal_writer import JournalWriter
+from engine.channels.mllp import MllpClient
+from engine.clock import Clock
+from engine.config import MllpDestination, RetryPolicy
+from engine.mappings.ack import ack_code_of
+from engine.store.db import Store
+from engine.store.tables import Delivery, DeliveryAttempt
+
+log = logging.getLogger(__name__)
+
+PENDING = ("queued", "error")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of one send: `ok`, or why not and whether trying again can help."""
+
+    ok: bool
+    response: str = ""
+    error: str = ""
+    retry: bool = True
+
+
+def backoff_seconds(policy: RetryPolicy, attempt_number: int) -> float:
+    """Delay before the next try after `attempt_number` failures (tenacity's exponential wait)."""
+    wait = tenacity.wait_exponential(multiplier=policy.initial_seconds, exp_base=policy.multiplier,
+                                     min=policy.initial_seconds, max=policy.max_seconds)
+    state = tenacity.RetryCallState(retry_object=tenacity.Retrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = attempt_number
+    return float(wait(state))
+
+
+class MllpSender:
+    """Delivers HL7 bytes over a kept MLLP connection and judges the ACK by the destination's policy."""
+
+    def __init__(self, destination: MllpDestination) -> None:
+        self.destination = destination
+        self.client = MllpClient(destination.host, destination.port,
+                                 connect_timeout=destination.connect_timeout_seconds,
+                                 answer_timeout=destination.ack_timeout_seconds)
+
+    async def send(self, payload: bytes) -> Attempt:
+        try:
+            answer = await self.client.send(payload)
+        except asyncio.TimeoutError:
+            return Attempt(False, error="no ACK within the timeout")
+        except (OSError, ConnectionError) as exc:
+            return Attempt(False, error=f"connection failed: {exc.__class__.__name__}: {exc.strerror or exc}"
+                           if isinstance(exc, OSError) else f"connection failed: {exc}")
+        text = answer.decode("utf-8", errors="replace")
+        code = ack_code_of(text)
+        if code in ("AA", "CA"):
+            return Attempt(True, response=text)
+        reason = f"receiver answered {code or 'without MSA'}"
+        return Attempt(False, response=text, error=reason, retry=self.destination.on_negative_ack == "retry")
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class DestinationDispatcher:
+    """Sends one destination's deliveries strictly in id order; a failing head blocks those behind it."""
+
+    def __init__(self, store: Store, writer: JournalWriter, clock: Clock, channel: str,
+                 destination: MllpDestination, *, batch: int = 200, idle_poll: float = 1.0) -> None:
+        self.store, self.writer, self.clock = store, writer, clock
+        self.channel, self.destination = channel, destination
+        self.batch, self.idle_poll = batch, idle_poll
+        self.sender = MllpSender(destination)
+        self.wakeup = asyncio.Event()
+
+    def _due(self) -> list[tuple[int, bytes, int, datetime]]:
+        with self.store.sessions() as session:
+            rows = session.execute(
+                select(Delivery.id, Delivery.payload, Delivery.attempts, Delivery.next_attempt_at)
+                .where(Delivery.channel == self.channel, Delivery.destination == self.destination.name,
+                       or_(Delivery.status == "queued", Delivery.status == "error"))
+                .order_by(Delivery.id)
+                .limit(self.batch)
+            ).all()
+        return [tuple(row) for row in rows]
+
+    async def run(self) -> None:
+        try:
+            while True:
+                rows = await asyncio.to_thread(self._due)
+                if not rows:
+                    await self._sleep(self.idle_poll)
+                    continue
+                await self._send_in_order(rows)
+        finally:
+            await self.sender.close()
+
+    async def _sleep(self, seconds: float) -> None:
+        self.wakeup.clear()
+        try:
+            await asyncio.wait_for(self.wakeup.wait(), timeout=max(0.0, seconds))
+        except asyncio.TimeoutError:
+            pass
+
+    async def _send_in_order(self, rows: list[tuple[int, bytes, int, datetime]]) -> None:
+        done: list[asyncio.Future] = []
+        for delivery_id, payload, attempts, next_at in rows:
+            now = self.clock.utcnow()
+            if _aware(next_at) > now:
+                await asyncio.gather(*done)
+                await self._sleep((_aware(next_at) - now).total_seconds())
+                return
+            attempt = await self.sender.send(payload)
+            done.append(self.writer.submit(self._recorder(delivery_id, attempts + 1, attempt)))
+            if not attempt.ok:
+                log.warning("delivery failed", extra={"channel": self.channel, "destination": self.destination.name,
+                                                      "delivery_id": delivery_id, "reason": attempt.error})
+                break
+        await asyncio.gather(*done)
+
+    def _recorder(self, delivery_id: int, attempts: int, attempt: Attempt):
+        policy = self.destination.retry
+        now = self.clock.utcnow()
+        if attempt.ok:
+            values = dict(status="sent", attempts=attempts, sent_at=now, response=attempt.response[:4000],
+                          last_error="")
+            outcome = "sent"
+        elif not attempt.retry or attempts >= policy.attempts:
+            values = dict(status="dead", attempts=attempts, response=attempt.response[:4000],
+                          last_error=attempt.error)
+            outcome = "dead"
+        else:
+            delay = backoff_seconds(policy, attempts)
+            values = dict(status="error", attempts=attempts, response=attempt.response[:4000],
+                          last_error=attempt.error, next_attempt_at=now + timedelta(seconds=delay))
+            outcome = "error"
+
+        def record(session: Session) -> None:
+            session.execute(update(Delivery).where(Delivery.id == delivery_id).values(updated_at=now, **values))
+            session.execute(insert(DeliveryAttempt).values(
+                delivery_id=delivery_id, at=now, outcome=outcome,
+                detail=(attempt.error or attempt.response)[:2000]))
+
+        return record
+
+
+def _aware(value: datetime) -> datetime:
+    from datetime import timezone
+
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def requeue(session: Session, delivery_ids: list[int], now: datetime) -> int:
+    """Put dead or failed deliveries back at the head of their queue (reprocess)."""
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(delivery_ids), Delivery.status.in_(("dead", "error")))
+        .values(status="queued", attempts=0, next_attempt_at=now, updated_at=now, last_error="")
+    )
+    return result.rowcount or 0

@@ -1,0 +1,226 @@
+"""MLLP framing, listener and client (HL7 v2.5 Appendix C: VT message FS CR)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+VT, FS, CR = 0x0B, 0x1C, 0x0D
+START, END = b"\x0b", b"\x1c\x0d"
+
+
+def frame(payload: bytes) -> bytes:
+    return START + payload + END
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One block read off the wire. `truncated` when a new VT came before FS; `oversized` past the limit."""
+
+    payload: bytes
+    truncated: bool = False
+    oversized: bool = False
+
+
+class FrameReader:
+    """Splits a byte stream into MLLP frames; bytes outside frames are counted and dropped."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._buffer = bytearray()
+        self._in_frame = False
+        self._oversized = False
+        self._skip_cr = False
+        self.junk_bytes = 0
+
+    def feed(self, data: bytes) -> list[Frame]:
+        frames: list[Frame] = []
+        if self._skip_cr and data[:1] == b"\r":
+            data = data[1:]
+        self._skip_cr = False
+        i = 0
+        while i < len(data):
+            if not self._in_frame:
+                start = data.find(START, i)
+                if start == -1:
+                    self.junk_bytes += len(data[i:].strip(b"\r\n \t\x00"))
+                    break
+                self.junk_bytes += len(data[i:start].strip(b"\r\n \t\x00"))
+                self._in_frame, self._oversized = True, False
+                self._buffer.clear()
+                i = start + 1
+                continue
+            end = data.find(b"\x1c", i)
+            restart = data.find(START, i)
+            if restart != -1 and (end == -1 or restart < end):
+                # The sender began a new block before ending this one: the old one is cut short.
+                self._append(data[i:restart])
+                frames.append(Frame(bytes(self._buffer), truncated=True, oversized=self._oversized))
+                self._buffer.clear()
+                self._oversized = False
+                i = restart + 1
+                continue
+            if end == -1:
+                self._append(data[i:])
+                break
+            self._append(data[i:end])
+            frames.append(Frame(bytes(self._buffer), oversized=self._oversized))
+            self._buffer.clear()
+            self._in_frame = False
+            i = end + 1
+            if i < len(data) and data[i] == CR:
+                i += 1
+            elif i >= len(data):
+                self._skip_cr = True
+        return frames
+
+    def _append(self, chunk: bytes) -> None:
+        if self._oversized:
+            return
+        if len(self._buffer) + len(chunk) > self.max_bytes:
+            self._oversized = True
+            self._buffer.clear()
+            return
+        self._buffer += chunk
+
+    @property
+    def mid_frame(self) -> bool:
+        return self._in_frame
+
+
+def set_nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# A handler takes one frame and the peer's address and returns the bytes to answer (None: no answer).
+FrameHandler = Callable[[Frame, str], Awaitable[bytes | None]]
+
+
+class MllpServer:
+    """An asyncio MLLP listener; each connection is served in order, connections in parallel."""
+
+    def __init__(self, host: str, port: int, handler: FrameHandler, *, max_bytes: int,
+                 idle_timeout: float, max_connections: int, name: str = "mllp") -> None:
+        self.host, self.port, self.handler = host, port, handler
+        self.max_bytes, self.idle_timeout = max_bytes, idle_timeout
+        self.name = name
+        self._slots = asyncio.Semaphore(max_connections)
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True, limit=2**20)
+        log.info("mllp listening", extra={"channel": self.name, "port": self.port})
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        peer_info = writer.get_extra_info("peername") or ("?", 0)
+        peer = f"{peer_info[0]}:{peer_info[1]}"
+        set_nodelay(writer)
+        if self._slots.locked():
+            log.warning("mllp connection refused: too many connections", extra={"channel": self.name, "peer": peer})
+            writer.close()
+            self._connections.discard(task)
+            return
+        async with self._slots:
+            try:
+                await self._conversation(reader, writer, peer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("mllp connection failed", extra={"channel": self.name, "peer": peer})
+            finally:
+                self._connections.discard(task)
+                writer.close()
+
+    async def _conversation(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+        framer = FrameReader(self.max_bytes)
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(65536), timeout=self.idle_timeout)
+            except asyncio.TimeoutError:
+                log.info("mllp idle timeout", extra={"channel": self.name, "peer": peer})
+                return
+            if not data:
+                if framer.mid_frame:
+                    log.warning("mllp connection closed mid-frame: block dropped", extra={"channel": self.name, "peer": peer})
+                return
+            for block in framer.feed(data):
+                answer = await self.handler(block, peer)
+                if answer is not None:
+                    writer.write(frame(answer))
+                    await writer.drain()
+            if framer.junk_bytes > self.max_bytes:
+                log.warning("mllp peer sends bytes outside frames: closing", extra={"channel": self.name, "peer": peer})
+                return
+
+
+class MllpClient:
+    """One kept connection to an MLLP receiver; send waits for the answer block."""
+
+    def __init__(self, host: str, port: int, *, connect_timeout: float, answer_timeout: float,
+                 max_bytes: int = 16 * 1024 * 1024) -> None:
+        self.host, self.port = host, port
+        self.connect_timeout, self.answer_timeout = connect_timeout, answer_timeout
+        self.max_bytes = max_bytes
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._framer = FrameReader(max_bytes)
+        self._pending: list[Frame] = []
+
+    async def _connect(self) -> None:
+        self._reader, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, limit=2**20), timeout=self.connect_timeout
+        )
+        set_nodelay(self._writer)
+        self._framer = FrameReader(self.max_bytes)
+        self._pending = []
+
+    async def send(self, payload: bytes) -> bytes:
+        """Send one message and return the answer's bytes; any failure closes the connection."""
+        if self._writer is None or self._writer.is_closing():
+            await self._connect()
+        assert self._reader is not None and self._writer is not None
+        try:
+            self._writer.write(frame(payload))
+            await self._writer.drain()
+            return await asyncio.wait_for(self._read_answer(), timeout=self.answer_timeout)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _read_answer(self) -> bytes:
+        assert self._reader is not None
+        while not self._pending:
+            data = await self._reader.read(65536)
+            if not data:
+                raise ConnectionError("receiver closed the connection before answering")
+            self._pending.extend(self._framer.feed(data))
+        return self._pending.pop(0).payload
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+        self._reader = self._writer = None

@@ -1,0 +1,132 @@
+"""The running engine: builds channels from the config and runs sources, the journal and dispatchers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Awaitable, Callable, Mapping
+
+from engine.actors.base import Actor
+from engine.channels.dispatcher import DestinationDispatcher
+from engine.channels.journal_writer import JournalWriter
+from engine.channels.mllp import Frame, MllpServer
+from engine.channels.pipeline import Inbound, Outcome, Pipelines
+from engine.clock import Clock, Ids
+from engine.config import Channel, Config, MllpSource
+from engine.errors import EngineError, Malformed
+from engine.mappings.ack import FALLBACK_HEADER, build_ack, decide
+from engine.mappings.hl7_message import DecodedMessage, sniff_header
+from engine.store.db import Store
+
+log = logging.getLogger(__name__)
+
+# A service is anything else `serve` runs beside the channels (DICOM SCP, HTTP): started with the
+# engine, it returns an awaitable that stops it.
+Service = Callable[["Engine"], Awaitable[Callable[[], Awaitable[None]]]]
+
+
+@dataclass
+class Engine:
+    """Built once by `serve` and passed down: config, store, clock, ids. No global state."""
+
+    config: Config
+    store: Store
+    clock: Clock
+    ids: Ids
+    data_dir: Path
+    actors: Mapping[str, Actor] = field(default_factory=dict)
+    actor_settings: Mapping[str, object] = field(default_factory=dict)
+    services: list[Service] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.writer = JournalWriter(self.store)
+        self.pipelines = Pipelines(self.config.channels, self.actors, clock=self.clock, ids=self.ids,
+                                   settings=self.actor_settings)
+        self.dispatchers: list[DestinationDispatcher] = []
+        self._servers: list[MllpServer] = []
+        self._tasks: list[asyncio.Task] = []
+        self._stoppers: list[Callable[[], Awaitable[None]]] = []
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.writer.start()
+        for channel in self.config.channels:
+            if not channel.enabled:
+                continue
+            for destination in channel.destinations:
+                dispatcher = DestinationDispatcher(self.store, self.writer, self.clock, channel.name, destination,
+                                                   batch=self.config.engine.dispatch_batch)
+                self.dispatchers.append(dispatcher)
+                self._tasks.append(asyncio.create_task(dispatcher.run(), name=f"dispatch:{channel.name}:{destination.name}"))
+            if isinstance(channel.source, MllpSource):
+                server = MllpServer(channel.source.host, channel.source.port, partial(self.on_frame, channel),
+                                    max_bytes=channel.source.max_message_bytes,
+                                    idle_timeout=channel.source.idle_timeout_seconds,
+                                    max_connections=channel.source.max_connections, name=channel.name)
+                await server.start()
+                self._servers.append(server)
+        for service in self.services:
+            self._stoppers.append(await service(self))
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            await server.close()
+        for stopper in reversed(self._stoppers):
+            await stopper()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.writer.stop)
+
+    def wake_dispatchers(self) -> None:
+        for dispatcher in self.dispatchers:
+            dispatcher.wakeup.set()
+
+    # --- MLLP source ----------------------------------------------------------------------------
+
+    async def on_frame(self, channel: Channel, block: Frame, peer: str) -> bytes | None:
+        """Journal one block, then answer: the ACK leaves only after the commit."""
+        source = channel.source
+        assert isinstance(source, MllpSource)
+        received_at = self.clock.utcnow()
+        decoded: DecodedMessage | None = None
+        error: EngineError | None = None
+        if block.oversized:
+            error = Malformed(f"message larger than {source.max_message_bytes} bytes")
+            return self._answer(channel, None, "AR", error)
+        try:
+            decoded = sniff_header(block.payload, fallback_codec=source.fallback_charset, force_codec=source.charset)
+        except EngineError as exc:
+            error = exc
+        if block.truncated and error is None:
+            error = Malformed("block cut short: a new start block (VT) came before the end block (FS)")
+            decoded_for_journal = None
+        else:
+            decoded_for_journal = decoded if error is None else None
+        inbound = Inbound(channel.name, block.payload, peer, received_at, decoded_for_journal, error)
+        try:
+            outcome: Outcome = await self.writer.submit(partial(self.pipelines.process, inbound=inbound))
+        except EngineError as exc:
+            return self._answer(channel, decoded, exc.ack, exc)
+        if outcome.status == "processed":
+            self.wake_dispatchers()
+        log.info("message %s", outcome.status, extra={
+            "channel": channel.name, "message_id": outcome.message_id, "ack": outcome.ack_code,
+            "control_id": decoded.header.control_id if decoded else "", "peer": peer,
+        })
+        return self._answer(channel, decoded, outcome.ack_code, outcome.error)
+
+    def _answer(self, channel: Channel, decoded: DecodedMessage | None, code: str,
+                error: EngineError | None) -> bytes | None:
+        source = channel.source
+        assert isinstance(source, MllpSource)
+        header = decoded.header if decoded else FALLBACK_HEADER
+        decision = decide(header, code, enhanced_mode=source.ack_mode == "enhanced")
+        if not decision.send:
+            return None
+        text = build_ack(header, decision.code, now=self.clock.now(), control_id=self.ids.control_id(), error=error)
+        return text.encode(header.codec, errors="replace")

@@ -1,0 +1,193 @@
+"""swf-engine command line: serve, check, send, reprocess."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from engine import __version__
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config)
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("SWF_DATA_DIR") or "./var")
+
+
+def _store():
+    from engine.store.db import Store, default_url
+
+    data_dir = _data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return Store(os.environ.get("SWF_DATABASE_URL") or default_url(data_dir))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+    from engine.errors import ConfigError
+
+    try:
+        config = load_config(_config_path(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    print(f"{args.config}: ok, {len(config.channels)} channel(s)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine import logs
+    from engine.app import build_engine
+    from engine.config import load_config
+    from engine.errors import ConfigError
+
+    logs.setup(os.environ.get("SWF_LOG_LEVEL", "INFO"))
+    try:
+        config = load_config(_config_path(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    store = _store()
+    store.migrate()
+    engine = build_engine(config, store, _data_dir())
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await engine.start()
+        print(f"swf-engine {__version__} serving {len(config.channels)} channel(s); data in {_data_dir()}",
+              file=sys.stderr, flush=True)
+        await stop.wait()
+        await engine.stop()
+
+    asyncio.run(run())
+    store.dispose()
+    return 0
+
+
+def _split_messages(data: bytes) -> list[bytes]:
+    """A file may hold one message or several; each starts with MSH. LF and CRLF become CR."""
+    data = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r").strip(b"\r \t\x0b\x1c")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    parts: list[bytes] = []
+    for segment in data.split(b"\r"):
+        if segment.startswith(b"MSH") or not parts:
+            parts.append(segment)
+        else:
+            parts[-1] += b"\r" + segment
+    return [p + b"\r" for p in parts if p.strip()]
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from engine.channels.mllp import MllpClient
+    from engine.mappings.ack import ack_code_of
+
+    host, _, port = args.target.rpartition(":")
+    if not host or not port.isdigit():
+        print("swf-engine send: target must be HOST:PORT", file=sys.stderr)
+        return 2
+    files: list[Path] = []
+    for name in args.files:
+        path = Path(name)
+        files.extend(sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path])
+
+    async def run() -> int:
+        client = MllpClient(host, int(port), connect_timeout=args.timeout, answer_timeout=args.timeout)
+        failures = 0
+        try:
+            for path in files:
+                for message in _split_messages(path.read_bytes()):
+                    try:
+                        answer = await client.send(message)
+                    except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                        print(f"{path}: no ACK: {exc.__class__.__name__} {exc}", file=sys.stderr)
+                        failures += 1
+                        continue
+                    text = _decode_answer(answer)
+                    code = ack_code_of(text)
+                    failures += code not in ("AA", "CA")
+                    print(f"--- {path} -> {code or '?'}")
+                    print(text.replace("\r", "\n").rstrip("\n"))
+        finally:
+            await client.close()
+        return 0 if failures == 0 else 1
+
+    return asyncio.run(run())
+
+
+def _decode_answer(answer: bytes) -> str:
+    from engine.errors import EngineError
+    from engine.mappings.hl7_message import sniff_header
+
+    try:
+        return sniff_header(answer, fallback_codec="gb18030").text
+    except EngineError:
+        return answer.decode("utf-8", errors="replace")
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from engine.channels.dispatcher import requeue
+    from engine.clock import Clock
+    from engine.store.tables import Delivery
+
+    store = _store()
+    store.migrate()
+    with store.session() as session:
+        ids = list(args.ids)
+        if args.all_dead:
+            query = select(Delivery.id).where(Delivery.status == "dead")
+            if args.channel:
+                query = query.where(Delivery.channel == args.channel)
+            ids += list(session.scalars(query))
+        if not ids:
+            print("nothing to reprocess", file=sys.stderr)
+            return 1
+        count = requeue(session, ids, Clock().utcnow())
+    print(f"requeued {count} deliver{'y' if count == 1 else 'ies'}")
+    return 0 if count else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="swf-engine", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"swf-engine {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run every channel in the config")
+    serve.add_argument("--config", default="channels.yaml")
+    serve.set_defaults(func=cmd_serve)
+
+    check = commands.add_parser("check", help="validate a channels file")
+    check.add_argument("--config", default="channels.yaml")
+    check.set_defaults(func=cmd_check)
+
+    send = commands.add_parser("send", help="send HL7 files over MLLP and print each ACK")
+    send.add_argument("target", metavar="HOST:PORT")
+    send.add_argument("files", nargs="+", metavar="FILE")
+    send.add_argument("--timeout", type=float, default=30.0)
+    send.set_defaults(func=cmd_send)
+
+    reprocess = commands.add_parser("reprocess", help="requeue dead deliveries")
+    reprocess.add_argument("ids", nargs="*", type=int, metavar="DELIVERY_ID")
+    reprocess.add_argument("--all-dead", action="store_true")
+    reprocess.add_argument("--channel")
+    reprocess.set_defaults(func=cmd_reprocess)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Real socket peers for tests: an MLLP receiver playing the HIS, and helpers to run the engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+VT, FS, CR = b"\x0b", b"\x1c", b"\r"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+HL7_DIR = SHARED / "data" / "hl7"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"engine exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def mllp_exchange(port: int, payload: bytes, timeout: float = 10.0, sock: socket.socket | None = None) -> bytes:
+    """Send one framed message and read one framed answer."""
+    own = sock is None
+    if own:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(VT + payload + FS + CR)
+        return read_frame(sock)
+    finally:
+        if own:
+            sock.close()
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    data = b""
+    while FS not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a full frame; got {data!r}")
+        data += chunk
+    start = data.index(VT) + 1
+    return data[start:data.index(FS)]
+
+
+def msa(answer: bytes, codec: str = "utf-8") -> list[str]:
+    for segment in answer.decode(codec, errors="replace").split("\r"):
+        if segment.startswith("MSA"):
+            return segment.split("|")
+    raise AssertionError(f"no MSA in {answer!r}")
+
+
+class HisListener:
+    """An MLLP receiver in a thread: records every message, answers AA (or what `answer` says)."""
+
+    def __init__(self, port: int | None = None, answer: str = "AA") -> None:
+        self.port = port or free_port()
+        self.answer = answer
+        self.received: list[bytes] = []
+        self._stop = threading.Event()
+        self._server: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> "HisListener":
+        self._stop.clear()
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", self.port))
+        self._server.listen(16)
+        self._server.settimeout(0.2)
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        if self._server:
+            self._server.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except (socket.timeout, OSError):
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.2)
+        buffer = b""
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    chunk = conn.recv(65536)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buffer += chunk
+                while FS in buffer:
+                    block, buffer = buffer.split(FS, 1)
+                    buffer = buffer.lstrip(CR)
+                    message = block[block.index(VT) + 1:] if VT in block else block
+                    control_id = message.split(b"\r")[0].split(b"|")[9] if message.count(b"|") > 9 else b""
+                    with self._lock:
+                        self.received.append(message)
+                    ack = b"MSH|^~\\&|HIS|HOSP|SWF|RAD|20260101||ACK|A" + control_id + b"|P|2.3.1\rMSA|" + \
+                        self.answer.encode() + b"|" + control_id + b"\r"
+                    try:
+                        conn.sendall(VT + ack + FS + CR)
+                    except OSError:
+                        return
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.received) >= count:
+                    return list(self.received)
+            time.sleep(0.05)
+        with self._lock:
+            raise TimeoutError(f"received {len(self.received)} of {count}")
+
+
+class EngineProcess:
+    """`swf-engine serve` as a subprocess, as an operator runs it."""
+
+    def __init__(self, config: Path, data_dir: Path, wait_ports: list[int], env: dict[str, str] | None = None) -> None:
+        self.config, self.data_dir, self.ports = config, data_dir, wait_ports
+        self.env = {**os.environ, "SWF_DATA_DIR": str(data_dir), **(env or {})}
+        self.process: subprocess.Popen | None = None
+        self.log = data_dir / "engine.log"
+
+    def start(self) -> "EngineProcess":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "serve", "--config", str(self.config)],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        for port in self.ports:
+            wait_port(port, process=self.process)
+        return self
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@contextmanager
+def running_engine(config: Path, data_dir: Path, ports: list[int], env: dict[str, str] | None = None) -> Iterator[EngineProcess]:
+    engine = EngineProcess(config, data_dir, ports, env).start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
