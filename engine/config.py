@@ -100,7 +100,7 @@ class ActorStep(Strict):
     """Hand the message to an IHE actor that owns domain state (one transaction with the journal)."""
 
     type: Literal["actor"]
-    actor: str
+    actor: Literal["order_filler"]
     # logical field -> HL7 location overrides for this sender, e.g. accession: OBR-3.1
     fields: dict[str, str] = {}
     # send what the actor emits to another channel's destinations (e.g. status to the HIS)
@@ -298,6 +298,8 @@ def _build(node: yaml.Node, path: tuple, lines: dict[tuple, int], loader: yaml.S
 def _line_for(loc: tuple, data: Any, lines: dict[tuple, int]) -> int:
     """Walk pydantic's error location through the data, skipping union tags it inserts."""
     path: tuple = ()
+    if loc and loc[-1] == "__tag__":
+        loc = loc[:-1]
     current = data
     for part in loc:
         if isinstance(current, dict) and part in current:
@@ -316,6 +318,9 @@ def _describe(error: dict) -> str:
         return f"unknown key {loc.rsplit('.', 1)[-1]!r} (at {loc})"
     if error["type"] == "missing":
         return f"missing required key {loc.rsplit('.', 1)[-1]!r} (at {loc})"
+    if error["type"] == "union_tag_invalid":
+        expected = error.get("ctx", {}).get("expected_tags", "")
+        return f"{loc}: unknown type {error.get('ctx', {}).get('tag')!r} (expected {expected})"
     message = error["msg"].removeprefix("Value error, ")
     return f"{loc}: {message}" if loc else message
 
@@ -348,7 +353,10 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         config = Config.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
-            problems.append((_line_for(error["loc"], data, lines), _describe(error)))
+            loc = tuple(error["loc"])
+            if error["type"] == "union_tag_invalid":
+                loc = (*loc, "type")  # point at the `type:` line, not the item's first line
+            problems.append((_line_for(loc, data, lines), _describe(error)))
         config = None
     if problems:
         problems.sort(key=lambda p: p[0])

@@ -242,7 +242,7 @@ class Hl7Message:
 
 
 def _field_text(segment: hl7.Segment, field_no: int) -> str:
-    index = field_no + 1 if str(segment[0]) == "MSH" else field_no
+    index = field_no  # python-hl7 keeps MSH-1 as its own element, so MSH-n is at n too
     if index >= len(segment):
         return ""
     return str(segment[index])
