@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import tenacity
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from engine.channels.journal_writer import JournalWriter
@@ -22,6 +22,8 @@ from engine.store.tables import Delivery, DeliveryAttempt
 log = logging.getLogger(__name__)
 
 PENDING = ("queued", "error")
+DELIVERY = Delivery.__table__
+ATTEMPT = DeliveryAttempt.__table__
 
 
 @dataclass(frozen=True)
@@ -112,43 +114,66 @@ class DestinationDispatcher:
             pass
 
     async def _send_in_order(self, rows: list[tuple[int, bytes, int, datetime]]) -> None:
-        done: list[asyncio.Future] = []
-        for delivery_id, payload, attempts, next_at in rows:
-            now = self.clock.utcnow()
-            if _aware(next_at) > now:
-                await asyncio.gather(*done)
-                await self._sleep((_aware(next_at) - now).total_seconds())
-                return
-            attempt = await self.sender.send(payload)
-            done.append(self.writer.submit(self._recorder(delivery_id, attempts + 1, attempt)))
-            if not attempt.ok:
+        sent: list[tuple[int, int, Attempt]] = []
+        try:
+            for delivery_id, payload, attempts, next_at in rows:
+                now = self.clock.utcnow()
+                if _aware(next_at) > now:
+                    await self._record(sent)
+                    sent = []
+                    await self._sleep((_aware(next_at) - now).total_seconds())
+                    return
+                attempt = await self.sender.send(payload)
+                if attempt.ok:
+                    sent.append((delivery_id, attempts + 1, attempt))
+                    continue
                 log.warning("delivery failed", extra={"channel": self.channel, "destination": self.destination.name,
                                                       "delivery_id": delivery_id, "reason": attempt.error})
-                break
-        await asyncio.gather(*done)
+                await self._record(sent)
+                sent = []
+                await self.writer.submit(self._failure(delivery_id, attempts + 1, attempt))
+                return
+        finally:
+            if sent:
+                await self._record(sent)
 
-    def _recorder(self, delivery_id: int, attempts: int, attempt: Attempt):
+    async def _record(self, sent: list[tuple[int, int, Attempt]]) -> None:
+        """Mark a run of successful sends in one statement pair (one commit for the run)."""
+        if not sent:
+            return
+        now = self.clock.utcnow()
+
+        def record(session: Session) -> None:
+            connection = session.connection()
+            connection.execute(
+                update(DELIVERY).where(DELIVERY.c.id == bindparam("delivery_id")).values(
+                    status="sent", attempts=bindparam("attempt_count"), sent_at=now, updated_at=now,
+                    response=bindparam("answer"), last_error=""),
+                [{"delivery_id": d, "attempt_count": n, "answer": a.response[:4000]} for d, n, a in sent],
+            )
+            connection.execute(insert(ATTEMPT), [
+                {"delivery_id": d, "at": now, "outcome": "sent", "detail": a.response[:2000]} for d, _, a in sent
+            ])
+
+        await self.writer.submit(record)
+
+    def _failure(self, delivery_id: int, attempts: int, attempt: Attempt):
         policy = self.destination.retry
         now = self.clock.utcnow()
-        if attempt.ok:
-            values = dict(status="sent", attempts=attempts, sent_at=now, response=attempt.response[:4000],
-                          last_error="")
-            outcome = "sent"
-        elif not attempt.retry or attempts >= policy.attempts:
+        if not attempt.retry or attempts >= policy.attempts:
             values = dict(status="dead", attempts=attempts, response=attempt.response[:4000],
                           last_error=attempt.error)
-            outcome = "dead"
         else:
             delay = backoff_seconds(policy, attempts)
             values = dict(status="error", attempts=attempts, response=attempt.response[:4000],
                           last_error=attempt.error, next_attempt_at=now + timedelta(seconds=delay))
-            outcome = "error"
 
         def record(session: Session) -> None:
-            session.execute(update(Delivery).where(Delivery.id == delivery_id).values(updated_at=now, **values))
-            session.execute(insert(DeliveryAttempt).values(
-                delivery_id=delivery_id, at=now, outcome=outcome,
-                detail=(attempt.error or attempt.response)[:2000]))
+            connection = session.connection()
+            connection.execute(update(DELIVERY).where(DELIVERY.c.id == delivery_id).values(updated_at=now, **values))
+            connection.execute(insert(ATTEMPT).values(
+                delivery_id=delivery_id, at=now, outcome=values["status"],
+                detail=(attempt.error + " " + attempt.response).strip()[:2000]))
 
         return record
 

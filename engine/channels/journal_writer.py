@@ -23,9 +23,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Job:
-    work: Callable[[Session], Any]
+    work: Callable[[Session], Any] | None  # None: an item for the batch handler
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    item: Any = None
+
+# Handles many items in one call, returning one result per item, in order.
+BatchHandler = Callable[[Session, list], list]
 
 
 _STOP = object()
@@ -34,8 +38,9 @@ _STOP = object()
 class JournalWriter:
     """Runs write jobs in batches on one thread; each job's future resolves after the commit."""
 
-    def __init__(self, store: Store, *, max_batch: int = 500) -> None:
+    def __init__(self, store: Store, batch_handler: BatchHandler | None = None, *, max_batch: int = 500) -> None:
         self.store = store
+        self.batch_handler = batch_handler
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
@@ -59,6 +64,13 @@ class JournalWriter:
         self._queue.put(_Job(work, future, loop))
         return future
 
+    def submit_item(self, item: Any) -> asyncio.Future:
+        """Queue an item for the batch handler, which takes every item of a commit in one call."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Job(None, future, loop, item))
+        return future
+
     def _run(self) -> None:
         while True:
             first = self._queue.get()
@@ -79,11 +91,34 @@ class JournalWriter:
             if stop_after:
                 return
 
+    def _handle_items(self, session: Session, items: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
+        assert self.batch_handler is not None
+        try:
+            with session.begin_nested():
+                values = self.batch_handler(session, [job.item for job in items])
+            return [(job, value, None) for job, value in zip(items, values)]
+        except Exception:
+            # One item broke the batch statement: redo them one by one so only that one fails.
+            log.exception("journal batch failed; retrying its items one by one")
+        results: list[tuple[_Job, Any, BaseException | None]] = []
+        for job in items:
+            try:
+                with session.begin_nested():
+                    results.append((job, self.batch_handler(session, [job.item])[0], None))
+            except Exception as exc:
+                results.append((job, None, exc))
+        return results
+
     def _commit(self, batch: list[_Job]) -> None:
         results: list[tuple[_Job, Any, BaseException | None]] = []
+        items = [job for job in batch if job.work is None]
         try:
             with self.store.session() as session:
+                if items:
+                    results += self._handle_items(session, items)
                 for job in batch:
+                    if job.work is None:
+                        continue
                     try:
                         results.append((job, job.work(session), None))
                     except Exception as exc:  # the job failed alone; its own savepoint kept others intact

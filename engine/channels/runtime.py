@@ -42,9 +42,9 @@ class Engine:
     services: list[Service] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.writer = JournalWriter(self.store)
         self.pipelines = Pipelines(self.config.channels, self.actors, clock=self.clock, ids=self.ids,
                                    settings=self.actor_settings)
+        self.writer = JournalWriter(self.store, self.pipelines.process_batch)
         self.dispatchers: list[DestinationDispatcher] = []
         self._servers: list[MllpServer] = []
         self._tasks: list[asyncio.Task] = []
@@ -109,12 +109,12 @@ class Engine:
             decoded_for_journal = decoded if error is None else None
         inbound = Inbound(channel.name, block.payload, peer, received_at, decoded_for_journal, error)
         try:
-            outcome: Outcome = await self.writer.submit(partial(self.pipelines.process, inbound=inbound))
+            outcome: Outcome = await self.writer.submit_item(inbound)
         except EngineError as exc:
             return self._answer(channel, decoded, exc.ack, exc)
         if outcome.status == "processed":
             self.wake_dispatchers()
-        log.info("message %s", outcome.status, extra={
+        log.debug("message %s", outcome.status, extra={
             "channel": channel.name, "message_id": outcome.message_id, "ack": outcome.ack_code,
             "control_id": decoded.header.control_id if decoded else "", "peer": peer,
         })

@@ -1,0 +1,167 @@
+"""HL7 ingest benchmark: messages/s and ACK latency into a channel with one MLLP destination.
+
+Prints, from one run on this machine:
+  - the engine: N concurrent MLLP senders, throughput and p50/p99 ACK latency;
+  - paced load (default 200 msg/s): p50/p99 ACK latency;
+  - floor: the database's rate of durable single-row commits (what "committed before ACK" costs unbatched);
+  - ceiling: a bare asyncio MLLP server that ACKs without storing or parsing.
+Usage: python bench/hl7_ingest.py [--messages 20000] [--connections 8] [--rate 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from peers import HisListener, free_port, wait_port  # noqa: E402
+
+MESSAGE = ("MSH|^~\\&|HIS|HOSP|SWF|RAD|20261122080500||ORM^O01|{cid}|P|2.3.1||||||UNICODE UTF-8\r"
+           "PID|1||300101^^^HOSP^MR||王小东||19800315|M\r"
+           "PV1|1|O|放射科门诊^^^HOSP\r"
+           "ORC|NW|HO{cid}^HIS|RF{cid}^RIS||||^^^20261122093000^^R\r"
+           "OBR|1|HO{cid}^HIS|RF{cid}^RIS|CT0101^胸部CT平扫^99HIS||||||||||||||A{cid}|RP1|SPS1||||CT\r")
+
+BARE_SERVER = textwrap.dedent("""
+    import asyncio, sys
+    ACK = b"\\x0bMSH|^~\\\\&|SWF|RAD|HIS|HOSP|2026||ACK|1|P|2.3.1\\rMSA|AA|1\\r\\x1c\\r"
+    async def serve(reader, writer):
+        buffer = b""
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            buffer += data
+            while b"\\x1c" in buffer:
+                _, buffer = buffer.split(b"\\x1c", 1)
+                writer.write(ACK)
+            await writer.drain()
+        writer.close()
+    async def main():
+        server = await asyncio.start_server(serve, "127.0.0.1", int(sys.argv[1]))
+        async with server:
+            await server.serve_forever()
+    asyncio.run(main())
+""")
+
+
+async def sender(port: int, ids: list[str], latencies: list[float], rate_interval: float | None = None) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    next_at = time.perf_counter()
+    for cid in ids:
+        if rate_interval:
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            next_at += rate_interval
+        payload = b"\x0b" + MESSAGE.format(cid=cid).encode() + b"\x1c\r"
+        started = time.perf_counter()
+        writer.write(payload)
+        await writer.drain()
+        answer = await reader.readuntil(b"\x1c\r")
+        latencies.append(time.perf_counter() - started)
+        if b"MSA|AA" not in answer:
+            raise RuntimeError(f"not AA: {answer[:200]!r}")
+    writer.close()
+
+
+async def load(port: int, total: int, connections: int, prefix: str, rate: float | None = None) -> tuple[float, list[float]]:
+    ids = [f"{prefix}{n:07d}" for n in range(total)]
+    latencies: list[float] = []
+    interval = connections / rate if rate else None
+    started = time.perf_counter()
+    await asyncio.gather(*(sender(port, ids[i::connections], latencies, interval) for i in range(connections)))
+    return time.perf_counter() - started, latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def durable_commit_rate(directory: Path, seconds: float = 3.0) -> float:
+    db = sqlite3.connect(directory / "floor.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("create table t (id integer primary key, raw blob)")
+    payload = MESSAGE.format(cid="X").encode()
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        db.execute("begin")
+        db.execute("insert into t (raw) values (?)", (payload,))
+        db.execute("commit")
+        count += 1
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--paced-seconds", type=float, default=10.0)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="swf-bench-"))
+    port, his_port, bare_port = free_port(), free_port(), free_port()
+    config = work / "channels.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        channels:
+          - name: bench
+            source: {{type: mllp, port: {port}}}
+            destinations:
+              - {{name: his, type: mllp, host: 127.0.0.1, port: {his_port}}}
+        """))
+    his = HisListener(his_port).start()
+    env = {**os.environ, "SWF_DATA_DIR": str(work / "var"), "SWF_LOG_LEVEL": "WARNING"}
+    engine = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--config", str(config)],
+                              cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port)])
+    try:
+        wait_port(port, process=engine)
+        wait_port(bare_port)
+        asyncio.run(load(port, 500, args.connections, "W"))  # warm-up
+        elapsed, latencies = asyncio.run(load(port, args.messages, args.connections, "B"))
+        engine_rate = args.messages / elapsed
+        paced_total = int(args.rate * args.paced_seconds)
+        _, paced = asyncio.run(load(port, paced_total, args.connections, "P", rate=args.rate))
+        bare_elapsed, bare_lat = asyncio.run(load(bare_port, args.messages, args.connections, "R"))
+        bare_rate = args.messages / bare_elapsed
+        floor = durable_commit_rate(work)
+        deadline = time.monotonic() + 120
+        expected = args.messages + 500 + paced_total
+        while len(his.received) < expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        delivered = len(his.received)
+    finally:
+        engine.terminate()
+        bare.terminate()
+        engine.wait(timeout=20)
+        his.stop()
+
+    print(f"hl7_ingest: {args.messages} ORM^O01 over {args.connections} connections, SQLite WAL synchronous=FULL, "
+          f"{os.cpu_count()} cores")
+    print(f"{'what':44} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'engine (journal before ACK, 1 destination)':44} {engine_rate:9.0f} {pct(latencies, .5):8.2f} {pct(latencies, .99):8.2f}")
+    print(f"{f'engine paced at {args.rate:.0f} msg/s':44} {len(paced) / args.paced_seconds:9.0f} {pct(paced, .5):8.2f} {pct(paced, .99):8.2f}")
+    print(f"{'floor: durable single-row commits (SQLite)':44} {floor:9.0f}")
+    print(f"{'ceiling: bare MLLP server, ACK only':44} {bare_rate:9.0f} {pct(bare_lat, .5):8.2f} {pct(bare_lat, .99):8.2f}")
+    print(f"ratio engine / single-row commit rate: {engine_rate / floor:.2f}  (target >= 0.4)")
+    print(f"ratio engine / bare MLLP ceiling:      {engine_rate / bare_rate:.2f}")
+    print(f"delivered to the destination: {delivered} of {expected}")
+
+
+if __name__ == "__main__":
+    main()
