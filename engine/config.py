@@ -209,6 +209,12 @@ class WorklistSettings(Strict):
     # step statuses that no longer show on the worklist
     hide_statuses: list[str] = ["STARTED", "COMPLETED", "DISCONTINUED", "CANCELLED"]
     max_matches: int = Field(5000, ge=1)
+    # an order for a patient the engine doesn't know: reject (AE 204 at PID-3) or register it from the order's PID
+    unknown_patient: Literal["reject", "register"] = "reject"
+    # which PID-3 repetition is the patient's key: the one with this assigning authority (CX.4),
+    # else the one of this identifier type (CX.5), else the first
+    patient_id_issuer: str = Field("", max_length=64)
+    patient_id_type: str = Field("MR", max_length=5)
 
 
 class EngineSettings(Strict):
