@@ -19,6 +19,20 @@ SHARED = REPO.parent / "shared"
 HL7_DIR = SHARED / "data" / "hl7"
 
 
+def dcmtk_tool(name: str) -> str | None:
+    """The DCMTK binary of that name on PATH: pynetdicom installs Python apps with the same names."""
+    for directory in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
+        path = Path(directory) / name
+        if path.is_file() and os.access(path, os.X_OK):
+            try:
+                out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if "dcmtk" in (out.stdout + out.stderr).lower():
+                return str(path)
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,0 +1,87 @@
+"""The engine's one DICOM listener (CONTRACT.md: SWF_DICOM_AET / SWF_DICOM_PORT), shared by every DICOM role.
+
+Each role is a module with `SOP_CLASSES` (the abstract syntaxes it serves as SCP) and `dicom_handlers(e)`
+returning `[(evt, handler, [args])]`; ROLES lists them. Verification and the Modality Worklist come first; MPPS
+(PS3.4 F.7) and Storage (PS3.4 B) join by adding their module here. Accepting and association negotiation follow
+PS3.8 9.3 / PS3.7 D.3.3 as pynetdicom implements them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from types import ModuleType
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
+
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom.events import Event
+
+from engine.mwl import mwl_scp, verification
+
+if TYPE_CHECKING:
+    from engine.channels.runtime import Engine
+
+log = logging.getLogger(__name__)
+
+ROLES: tuple[ModuleType, ...] = (verification, mwl_scp)
+STOP_GRACE_SECONDS = 2.0
+
+
+def no_delay(event: Event) -> None:
+    """EVT_CONN_OPEN: TCP_NODELAY before the first PDU, so no response waits ~40 ms on a delayed ACK.
+
+    A C-FIND answer is two small P-DATA-TF PDUs per match (command, then identifier); with Nagle on, the
+    second waits until the peer acknowledges the first.
+    """
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    log.debug("dicom connection", extra={"peer": f"{event.address[0]}:{event.address[1]}"})
+
+
+def build_ae(engine: "Engine", roles: Sequence[ModuleType] = ROLES) -> tuple[AE, list[tuple]]:
+    """The AE with every role's presentation contexts, and the event handlers the roles contribute."""
+    settings = engine.config.dicom
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.network_timeout = settings.network_timeout_seconds
+    ae.acse_timeout = settings.network_timeout_seconds
+    ae.dimse_timeout = settings.network_timeout_seconds
+    handlers: list[tuple] = [(evt.EVT_CONN_OPEN, no_delay)]
+    for role in roles:
+        for sop_class in role.SOP_CLASSES:
+            ae.add_supported_context(sop_class, DEFAULT_TRANSFER_SYNTAXES)
+        handlers.extend(role.dicom_handlers(engine))
+    return ae, handlers
+
+
+async def start_dicom_server(engine: "Engine", roles: Sequence[ModuleType] = ROLES) -> Callable[[], Awaitable[None]]:
+    """Start the listener in pynetdicom's threads and return the coroutine function that stops it."""
+    # Process-wide pynetdicom switches: by default it decodes and pretty-prints every request and response
+    # identifier for its logger, whatever the level. That is patient data in the logs and, for a large answer,
+    # most of the per-response cost.
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    settings = engine.config.dicom
+    ae, handlers = build_ae(engine, roles)
+    server = await asyncio.to_thread(ae.start_server, (settings.host, settings.port), block=False,
+                                     evt_handlers=handlers)
+    log.info("dicom listener started", extra={"ae_title": settings.ae_title, "host": settings.host,
+                                              "port": server.server_address[1]})
+
+    async def stop() -> None:
+        await asyncio.to_thread(_shutdown, ae, server)
+        log.info("dicom listener stopped", extra={"ae_title": settings.ae_title})
+
+    return stop
+
+
+def _shutdown(ae: AE, server) -> None:
+    server.shutdown()  # no new associations
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    while ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.02)  # let a query in flight finish its answer
+    for assoc in ae.active_associations:
+        assoc.abort()
