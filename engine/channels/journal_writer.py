@@ -7,6 +7,7 @@ while the previous commit ran keeps that to one fsync per batch instead of one p
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -24,8 +25,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Job:
     work: Callable[[Session], Any] | None  # None: an item for the batch handler
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future | concurrent.futures.Future
+    loop: asyncio.AbstractEventLoop | None  # None: a caller blocked in another thread (run_blocking)
     item: Any = None
 
 # Handles many items in one call, returning one result per item, in order.
@@ -63,6 +64,12 @@ class JournalWriter:
         future = loop.create_future()
         self._queue.put(_Job(work, future, loop))
         return future
+
+    def run_blocking(self, work: Callable[[Session], Any], timeout: float | None = 60.0) -> Any:
+        """`submit` for threads without an event loop (pynetdicom's handlers): blocks until committed."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put(_Job(work, future, None))
+        return future.result(timeout)
 
     def submit_item(self, item: Any) -> asyncio.Future:
         """Queue an item for the batch handler, which takes every item of a commit in one call."""
@@ -132,10 +139,13 @@ class JournalWriter:
         self.batches += 1
         self.jobs += len(batch)
         for job, value, error in results:
-            job.loop.call_soon_threadsafe(_resolve, job.future, value, error)
+            if job.loop is None:
+                _resolve(job.future, value, error)
+            else:
+                job.loop.call_soon_threadsafe(_resolve, job.future, value, error)
 
 
-def _resolve(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
+def _resolve(future: asyncio.Future | concurrent.futures.Future, value: Any, error: BaseException | None) -> None:
     if future.done():
         return
     if error is not None:

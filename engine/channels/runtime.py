@@ -48,11 +48,13 @@ class Engine:
         self.dispatchers: list[DestinationDispatcher] = []
         self._servers: list[MllpServer] = []
         self._tasks: list[asyncio.Task] = []
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.writer.start()
         for channel in self.config.channels:
             if not channel.enabled:
@@ -85,6 +87,11 @@ class Engine:
     def wake_dispatchers(self) -> None:
         for dispatcher in self.dispatchers:
             dispatcher.wakeup.set()
+
+    def wake_dispatchers_threadsafe(self) -> None:
+        """From a thread outside the event loop (pynetdicom's handlers), after a commit that queued deliveries."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.wake_dispatchers)
 
     # --- MLLP source ----------------------------------------------------------------------------
 
