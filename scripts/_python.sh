@@ -7,7 +7,14 @@ pick_python() {
   local managed
   managed=$("$py" -c 'import os,sysconfig;print(os.path.exists(os.path.join(sysconfig.get_path("stdlib"),"EXTERNALLY-MANAGED")))')
   if [ "$managed" = "True" ] || ! "$py" -m pip --version >/dev/null 2>&1; then
-    "$py" -m venv .venv >&2 || { echo "need python3-venv: apt-get install -y python3-venv" >&2; exit 1; }
+    if ! "$py" -m venv .venv >&2; then
+      # Debian ships venv (ensurepip) separately.
+      rm -rf .venv
+      echo "installing python3-venv (apt)" >&2
+      DEBIAN_FRONTEND=noninteractive as_root apt-get update -qq >&2
+      DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends python3-venv >&2
+      "$py" -m venv .venv >&2 || { echo "could not create .venv with $py" >&2; exit 1; }
+    fi
     echo .venv/bin/python; return
   fi
   echo "$py"

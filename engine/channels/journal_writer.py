@@ -11,6 +11,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,8 +40,10 @@ _STOP = object()
 class JournalWriter:
     """Runs write jobs in batches on one thread; each job's future resolves after the commit."""
 
-    def __init__(self, store: Store, batch_handler: BatchHandler | None = None, *, max_batch: int = 500) -> None:
+    def __init__(self, store: Store, batch_handler: BatchHandler | None = None, *, max_batch: int = 500,
+                 commit_delay: float = 0.0) -> None:
         self.store = store
+        self.commit_delay = commit_delay
         self.batch_handler = batch_handler
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -54,6 +57,8 @@ class JournalWriter:
     def stop(self) -> None:
         self._queue.put(_STOP)
         self._thread.join(timeout=30)
+        log.info("journal writer stopped", extra={"commits": self.batches, "jobs": self.jobs,
+                                                  "jobs_per_commit": round(self.jobs / max(self.batches, 1), 2)})
 
     def submit(self, work: Callable[[Session], Any]) -> asyncio.Future:
         """Queue `work(session)`; await the returned future for its result once committed.
@@ -85,6 +90,10 @@ class JournalWriter:
                 return
             batch = [first]
             stop_after = False
+            if self.commit_delay and self._queue.empty():
+                # Like PostgreSQL's commit_delay: give the other connections' messages, already on their
+                # way through the event loop, a moment to join this commit instead of each paying its own.
+                time.sleep(self.commit_delay)
             while len(batch) < self.max_batch:
                 try:
                     job = self._queue.get_nowait()

@@ -144,7 +144,9 @@ class MllpServer:
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
             except asyncio.CancelledError:
-                raise
+                # Our own shutdown (close()); ending quietly keeps asyncio's stream callback from logging
+                # the cancelled connection task as an error.
+                return
             except Exception:
                 log.exception("mllp connection failed", extra={"channel": self.name, "peer": peer})
             finally:

@@ -30,6 +30,10 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
+    # No connection checkpoints on commit: a checkpoint copies pages into the database file and fsyncs
+    # it, which would stall the journal writer (and every ACK waiting on it). `Store.checkpoint` runs
+    # beside it instead, from `serve`, and SQLite checkpoints when the last connection closes.
+    cursor.execute("PRAGMA wal_autocheckpoint=0")
     cursor.close()
 
 
@@ -61,6 +65,13 @@ class Store:
         with self.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file without blocking writers or readers (PASSIVE)."""
+        if not self.is_sqlite:
+            return
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     @contextmanager
     def session(self) -> Iterator[Session]:
