@@ -76,6 +76,40 @@ class Unavailable(EngineError):
     ack, err, dimse, http = "AR", 207, 0xA700, 503
 
 
+class MissingAttribute(MissingField):
+    """A type 1 DICOM attribute is absent, or present without a value (PS3.7 C.4.2: 0120 / 0121)."""
+
+    dimse = 0x0120
+
+    def __init__(self, message: str, *, tag: int, empty: bool = False) -> None:
+        super().__init__(message)
+        self.tag = tag
+        if empty:
+            self.dimse = 0x0121
+
+
+class InvalidAttribute(BadValue):
+    """A DICOM attribute holds a value the service does not allow (PS3.7 C.4.2: 0106)."""
+
+    dimse = 0x0106
+
+    def __init__(self, message: str, *, tag: int) -> None:
+        super().__init__(message)
+        self.tag = tag
+
+
+class TooLarge(Malformed):
+    """The message is larger than its source accepts."""
+
+    http = 413
+
+
+class UnsupportedMediaType(Unsupported):
+    """An HTTP body in a media type the endpoint does not take."""
+
+    http = 415
+
+
 class ConfigError(Exception):
     """channels.yaml does not validate; carries every problem with its line."""
 

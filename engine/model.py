@@ -145,3 +145,40 @@ class OrderMessage:
     trigger: str
     patient: Patient
     orders: tuple[Order, ...]
+    # an unknown patient: None lets worklist.unknown_patient decide (an HL7 PID); True registers it (the message
+    # carries the patient's demographics, as a contained FHIR Patient); False rejects it (a bare reference)
+    register_patient: bool | None = None
+
+
+@dataclass(frozen=True)
+class StepReference:
+    """One Scheduled Step Attributes Sequence item: the worklist entry a performed step fulfils (PS3.4 F.7.2.1)."""
+
+    study_instance_uid: str
+    accession: str = ""
+    requested_procedure_id: str = ""
+    step_id: str = ""
+
+    @property
+    def scheduled(self) -> bool:
+        """The unscheduled case leaves everything but the Study Instance UID empty (IHE RAD TF-2 4.6.4.1.2.4)."""
+        return bool(self.accession or self.requested_procedure_id or self.step_id)
+
+
+@dataclass(frozen=True)
+class PerformedStep:
+    """A Modality Performed Procedure Step as the modality reported it (PS3.3 C.4.13-C.4.15)."""
+
+    sop_instance_uid: str
+    status: str  # IN PROGRESS | COMPLETED | DISCONTINUED
+    references: tuple[StepReference, ...] = ()
+    pps_id: str = ""
+    station_aet: str = ""
+    modality: str = ""
+    start_date: str = ""  # YYYYMMDD
+    start_time: str = ""  # HHMMSS
+    end_date: str = ""
+    end_time: str = ""
+    patient_id: str = ""
+    description: str = ""
+    discontinuation_reason: str = ""  # code meaning of (0040,0281)

@@ -28,6 +28,8 @@ class ActorResult:
     patient_id: str | None = None
     accession: str | None = None
     note: str = ""
+    # accessions of the orders this message created (a repeated order creates none): 201 vs 200 over HTTP
+    created: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ rolls back everything it changed and becomes the sender's AE/AR with ERR. Decisi
   entry; only while nothing started. CA -> CANCELLED/CA (not once started: DC it), DC -> DISCONTINUED/DC;
   a repeated CA/DC is accepted as is. SC, OC, OK, CR, DR, XR (status from another system): accepted, no change.
 - The order's patient must be known (worklist.unknown_patient = reject: UnknownKey at PID-3), or is
-  registered from the order's PID (register). CA/DC/XO never register: their patient must own the order.
+  registered from the order's PID (register). A FHIR ServiceRequest (mapped at its edge, handed in as an
+  OrderMessage) registers its contained Patient and never a bare reference, whatever the setting.
+  CA/DC/XO never register: their patient must own the order.
 - Accession: from the order, or generated (accession.source = generator, or generate_when_missing) as
   prefix + YYYYMMDD + the next sequence number found in the database for that day.
 """
@@ -35,7 +37,7 @@ from engine.mappings.hl7_fields import trigger_of
 from engine.mappings.hl7_message import DecodedMessage
 from engine.mappings.hl7_orders import order_message, patient_event
 from engine.mappings.hl7_patient import match_names
-from engine.model import CodedValue, Order, Patient
+from engine.model import CodedValue, Order, OrderMessage, Patient
 from engine.store.tables import ImagingOrder, Patient as PatientRow, ScheduledStep as StepRow
 
 REGISTER = {"A01", "A04", "A05", "A28"}
@@ -63,6 +65,8 @@ class _Work:
     control_id: str
     sender: str
     notes: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)  # accessions of the orders this message created
+    register_unknown: bool = False  # an order's unknown patient is registered from the order
 
     @property
     def now(self):
@@ -74,8 +78,10 @@ class OrderFiller:
 
     name = "order_filler"
 
-    def handle(self, session: Session, message: DecodedMessage, ctx: ActorContext) -> ActorResult:
+    def handle(self, session: Session, message: DecodedMessage | OrderMessage, ctx: ActorContext) -> ActorResult:
         settings = ctx.settings if isinstance(ctx.settings, WorklistSettings) else WorklistSettings()
+        if isinstance(message, OrderMessage):  # mapped at its edge (FHIR ServiceRequest): no HL7 header
+            return self.place(_Work(session, ctx, settings, str(ctx.message_id), ctx.channel), message)
         header = message.header
         work = _Work(session, ctx, settings, header.control_id, header.sender)
         if header.version and not header.version.startswith("2."):
@@ -150,7 +156,12 @@ class OrderFiller:
     # --- orders (RAD-2, RAD-13) -----------------------------------------------------------------
 
     def _orders(self, work: _Work, message: DecodedMessage) -> ActorResult:
-        parsed = order_message(message, work.ctx.fields, **_options(work.settings))
+        return self.place(work, order_message(message, work.ctx.fields, **_options(work.settings)))
+
+    def place(self, work: _Work, parsed: OrderMessage) -> ActorResult:
+        """Every order of an order message, whichever protocol it came in (HL7 v2 ORM/OMG, FHIR ServiceRequest)."""
+        work.register_unknown = parsed.register_patient if parsed.register_patient is not None \
+            else work.settings.unknown_patient == "register"
         for order in parsed.orders:
             if order.control not in {"NW", "XO", "CA", "DC"} | STATUS_ONLY:
                 raise _unsupported(f"message {work.control_id}: order control {order.control} is not supported",
@@ -165,13 +176,13 @@ class OrderFiller:
                                   "status from another system, worklist unchanged")
             else:
                 accessions.append(self._change(work, parsed.patient, order))
-        return ActorResult(patient_id=parsed.patient.identity.id,
-                           accession=next((a for a in accessions if a), None), note="; ".join(work.notes))
+        return ActorResult(patient_id=parsed.patient.identity.id, accession=next((a for a in accessions if a), None),
+                           note="; ".join(work.notes), created=work.created)
 
     def _order_patient(self, work: _Work, patient: Patient, order: Order) -> PatientRow:
         row = find_patient(work.session, patient)
         if row is None:
-            if work.settings.unknown_patient != "register":
+            if not work.register_unknown:
                 where = patient.sources.get("patient_id", "PID^1^3")
                 raise UnknownKey(f"message {work.control_id}: order {_key(order)} is for an unknown patient ({where})",
                                  location=where)
@@ -213,6 +224,7 @@ class OrderFiller:
         session.add(record)
         session.flush()
         work.notes.append(f"order {accession} scheduled")
+        work.created.append(accession)
         return accession
 
     def _change(self, work: _Work, patient: Patient, order: Order) -> str:

@@ -6,7 +6,7 @@ import fnmatch
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Mapping
+from typing import Any, Mapping
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
@@ -28,6 +28,17 @@ DELIVERY = Delivery.__table__
 
 
 @dataclass(frozen=True)
+class ParsedBody:
+    """A non-HL7 message its edge has parsed and mapped already (a FHIR resource): filters match its type
+    label, actors receive its model."""
+
+    type_label: str  # e.g. ServiceRequest
+    text: str
+    model: Any  # e.g. an OrderMessage
+    sender: str = ""
+
+
+@dataclass(frozen=True)
 class Inbound:
     """Bytes as received, with the decoded message or the reason it could not be decoded."""
 
@@ -35,8 +46,9 @@ class Inbound:
     raw: bytes
     peer: str
     received_at: datetime
-    decoded: DecodedMessage | None
+    decoded: DecodedMessage | ParsedBody | None
     error: EngineError | None = None
+    content_type: str = "hl7v2"  # hl7v2 | fhir+json
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class Outcome:
     status: str  # processed | filtered | error | duplicate
     message_id: int | None
     error: EngineError | None = None
+    result: ActorResult | None = None  # what the actors did, for edges that answer with more than a code
 
 
 def accepted_key(channel: str, sender: str, control_id: str) -> str | None:
@@ -119,15 +132,19 @@ class Pipelines:
         decoded = inbound.decoded
         if decoded is None:
             return _Plan(inbound, channel, status="error", error=inbound.error or EngineError("undecodable message"))
-        header = decoded.header
-        plan = _Plan(inbound, channel, status="processed", key=accepted_key(channel.name, header.sender, header.control_id),
-                     text=decoded.text)
+        if isinstance(decoded, ParsedBody):  # no control id: the actor keeps a resent resource idempotent
+            plan = _Plan(inbound, channel, status="processed", text=decoded.text)
+        else:
+            header = decoded.header
+            plan = _Plan(inbound, channel, status="processed",
+                         key=accepted_key(channel.name, header.sender, header.control_id), text=decoded.text)
         try:
             for step in channel.steps:
                 if isinstance(step, FilterStep) and not self._passes(step, decoded):
                     if step.on_mismatch == "reject":
-                        raise Unsupported(f"message type {header.type_label or '(empty)'} is not accepted on this channel",
-                                          location="MSH^1^9")
+                        label = _type_label(decoded)
+                        raise Unsupported(f"message type {label or '(empty)'} is not accepted on this channel",
+                                          location="MSH^1^9" if isinstance(decoded, DecodedMessage) else "")
                     plan.status = "filtered"
                     return plan
                 if isinstance(step, SetFieldsStep):
@@ -161,8 +178,8 @@ class Pipelines:
             session.connection().execute(update(MESSAGE).where(MESSAGE.c.id == plan.message_id).values(**values))
 
     @staticmethod
-    def _passes(step: FilterStep, decoded: DecodedMessage) -> bool:
-        label = decoded.header.type_label
+    def _passes(step: FilterStep, decoded: DecodedMessage | ParsedBody) -> bool:
+        label = _type_label(decoded)
         return any(fnmatch.fnmatchcase(label, pattern) for pattern in step.message_types)
 
     def _run_actor(self, session: Session, step: ActorStep, plan: "_Plan") -> None:
@@ -170,10 +187,14 @@ class Pipelines:
         assert decoded is not None and plan.message_id is not None
         ctx = ActorContext(channel=plan.channel.name, message_id=plan.message_id, clock=self.clock, ids=self.ids,
                            fields=step.fields, settings=self.settings.get(step.actor))
-        message = decoded if not plan.changed else _redecoded(decoded, plan.text)
+        if isinstance(decoded, ParsedBody):
+            message = decoded.model
+        else:
+            message = decoded if not plan.changed else _redecoded(decoded, plan.text)
         result = self.actors[step.actor].handle(session, message, ctx)
         plan.result.patient_id = result.patient_id or plan.result.patient_id
         plan.result.accession = result.accession or plan.result.accession
+        plan.result.created += result.created
         for outbound in result.outbound:
             target = self.channels[outbound.channel or step.emit_to or plan.channel.name]
             self.enqueue(session, target, plan.message_id, outbound)
@@ -207,17 +228,18 @@ class Pipelines:
     @staticmethod
     def _message_row(plan: "_Plan") -> dict:
         inbound = plan.inbound
-        header = inbound.decoded.header if inbound.decoded else None
-        text = inbound.decoded.text if inbound.decoded else inbound.raw.decode("utf-8", errors="replace")
+        decoded = inbound.decoded
+        header = decoded.header if isinstance(decoded, DecodedMessage) else None
+        text = decoded.text if decoded else inbound.raw.decode("utf-8", errors="replace")
         return dict(
             channel=inbound.channel,
             received_at=inbound.received_at,
             peer=inbound.peer,
-            content_type="hl7v2",
-            sender=header.sender if header else "",
+            content_type=inbound.content_type,
+            sender=header.sender if header else decoded.sender if decoded else "",
             control_id=(header.control_id or None) if header else None,
-            message_type=header.type_label if header else "",
-            charset=header.codec if header else "",
+            message_type=_type_label(decoded) if decoded else "",
+            charset=header.codec if header else "utf-8" if decoded else "",
             raw=inbound.raw,
             text=text,
             status=plan.status,
@@ -253,7 +275,11 @@ class _Plan:
             first = self.same_as.outcome()
             return Outcome(first.ack_code, "duplicate", first.message_id, first.error)
         ack = self.error.ack if self.error else "AA"
-        return Outcome(ack, self.status, self.message_id, self.error)
+        return Outcome(ack, self.status, self.message_id, self.error, self.result)
+
+
+def _type_label(decoded: DecodedMessage | ParsedBody) -> str:
+    return decoded.type_label if isinstance(decoded, ParsedBody) else decoded.header.type_label
 
 
 def _redecoded(decoded: DecodedMessage, text: str) -> DecodedMessage:
