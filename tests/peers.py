@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -19,8 +23,10 @@ SHARED = REPO.parent / "shared"
 HL7_DIR = SHARED / "data" / "hl7"
 
 
+@functools.lru_cache(maxsize=None)
 def dcmtk_tool(name: str) -> str | None:
-    """The DCMTK binary of that name on PATH: pynetdicom installs Python apps with the same names."""
+    """The DCMTK binary of that name on PATH: pynetdicom installs Python apps with the same names (cached: asking
+    pyenv's shim of pynetdicom's script for --version costs most of a second)."""
     for directory in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
         path = Path(directory) / name
         if path.is_file() and os.access(path, os.X_OK):
@@ -166,6 +172,8 @@ class EngineProcess:
     def __init__(self, config: Path, data_dir: Path, wait_ports: list[int], env: dict[str, str] | None = None) -> None:
         self.config, self.data_dir, self.ports = config, data_dir, wait_ports
         self.env = {**os.environ, "SWF_DATA_DIR": str(data_dir), **(env or {})}
+        # the shipped channels.yaml opens the HTTP listener: never on a fixed port beside other test engines
+        self.env.setdefault("SWF_HTTP_PORT", str(free_port()))
         self.process: subprocess.Popen | None = None
         self.log = data_dir / "engine.log"
 
@@ -201,3 +209,43 @@ def running_engine(config: Path, data_dir: Path, ports: list[int], env: dict[str
         yield engine
     finally:
         engine.stop()
+
+
+@dataclass
+class FindResult:
+    """One DCMTK `findscu -W` run: the final DIMSE status, the pending identifiers and their bytes, the log."""
+
+    status: int
+    responses: list = field(default_factory=list)  # pydicom Datasets, in the order they came
+    raw: list[bytes] = field(default_factory=list)  # each response file as findscu wrote it (-X)
+    detail: str = ""
+
+
+def findscu(port: int, out_dir: Path, keys: list[str | bytes], *, aet: str = "MODALITY1", aec: str = "SWF_ENGINE",
+            files: list[Path] = (), extra: list[str] = ()) -> FindResult:
+    """Run DCMTK findscu -W; the final status from its debug log, the responses from -X files.
+
+    A key named twice is sent once, the first time: the return keys a test adds never blank a matching key it set.
+    """
+    from pydicom import dcmread
+
+    tool = dcmtk_tool("findscu")
+    assert tool, "DCMTK findscu is not installed"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="q", dir=out_dir))
+    args: list[str | bytes] = [tool, "-d", "-W", "-aet", aet, "-aec", aec, "-X", "-od", str(out), *extra]
+    named: set[bytes] = set()
+    for key in keys:
+        raw = key if isinstance(key, bytes) else key.encode()
+        name = raw.split(b"=", 1)[0]
+        if name in named:
+            continue
+        named.add(name)
+        args += ["-k", key]
+    args += ["127.0.0.1", str(port), *map(str, files)]
+    result = subprocess.run(args, capture_output=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
+    log = (result.stdout + result.stderr).decode("utf-8", "replace")
+    statuses = re.findall(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", log)
+    assert statuses, f"no C-FIND response from the SCP:\n{log[-2000:]}"
+    paths = sorted(out.glob("rsp*.dcm"))
+    return FindResult(int(statuses[-1], 16), [dcmread(p) for p in paths], [p.read_bytes() for p in paths], log)

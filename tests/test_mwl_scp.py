@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -29,7 +28,7 @@ from engine.app import build_engine
 from engine.config import Config
 from engine.mwl.dicom_server import start_dicom_server
 from engine.store.db import Store
-from peers import dcmtk_tool, free_port
+from peers import dcmtk_tool, findscu, free_port
 from mwl_fixture import HIDDEN, TODAY, Row, build_rows, expected, load
 
 
@@ -89,24 +88,9 @@ _counter = iter(range(1_000_000))
 
 def find(server: Server, keys: list[str | bytes], *, aet: str = "MODALITY1", files: list[Path] = (),
          extra: list[str] = ()) -> Answer:
-    """Run DCMTK findscu -W; the final status from its debug log, the responses from -X files."""
-    out = server.tmp / f"q{next(_counter)}"
-    out.mkdir()
-    args: list[str | bytes] = [FINDSCU, "-d", "-W", "-aet", aet, "-aec", AET, "-X", "-od", str(out), *extra]
-    named: set[bytes] = set()
-    for key in keys:
-        raw = key if isinstance(key, bytes) else key.encode()
-        name = raw.split(b"=", 1)[0]
-        if name in named:  # the return keys a test adds never blank a matching key it set
-            continue
-        named.add(name)
-        args += ["-k", key]
-    args += ["127.0.0.1", str(server.port), *map(str, files)]
-    result = subprocess.run(args, capture_output=True, env=ENV, timeout=60)
-    log = (result.stdout + result.stderr).decode("utf-8", "replace")
-    statuses = re.findall(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", log)
-    assert statuses, f"no C-FIND response from the SCP:\n{log[-2000:]}"
-    return Answer(int(statuses[-1], 16), [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))], log)
+    """Run DCMTK findscu -W (peers.findscu): the final status, the responses, the log."""
+    result = findscu(server.port, server.tmp / f"q{next(_counter)}", keys, aet=aet, aec=AET, files=files, extra=extra)
+    return Answer(result.status, result.responses, result.detail)
 
 
 def sps(key: str) -> str:
