@@ -65,7 +65,45 @@ class InternalSource(Strict):
     type: Literal["internal"]
 
 
-Source = Annotated[MllpSource | InternalSource, Field(discriminator="type")]
+class FhirSource(Strict):
+    """FHIR R4 resources POSTed to the engine's HTTP listener at `/fhir/{resource}` (FHIR R4 3.1.0 RESTful API)."""
+
+    type: Literal["fhir"]
+    resource: Literal["ServiceRequest"] = "ServiceRequest"
+    # FHIR system URI -> the short name HL7 v2 and DICOM carry: identifier issuers (PID-3.4, EI namespace),
+    # coding scheme designators (99HIS). Unlisted systems: the identifier's assigner, else the URI as it is.
+    systems: dict[str, str] = {}
+    # IANA zone whose wall time the worklist shows; empty: keep the sender's wall time as HL7 v2 does
+    timezone: str = ""
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        if value:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {value!r} (try Asia/Shanghai)") from None
+        return value
+
+
+class DicomSource(Strict):
+    """C-STORE to the engine's DICOM listener (IHE RAD-8): coerced from the order, spooled, routed (PS3.4 B)."""
+
+    type: Literal["dicom"]
+    coerce: bool = True  # patient and request attributes from the order matched by accession / Study Instance UID
+    # an image no order matches: forward it as it came (logged), or refuse it (C-STORE failure C001)
+    unmatched: Literal["forward", "reject"] = "forward"
+    # how the coerced PatientName is spelled: unicode (ISO_IR 192), gb18030, ascii (pinyin only)
+    character_profile: Literal["ascii", "unicode", "gb18030"] = "unicode"
+    # success 0000, or B000 "coercion of data elements" (PS3.4 B.2.3) when something was coerced
+    coercion_status: Literal["success", "warning"] = "success"
+
+
+Source = Annotated[MllpSource | InternalSource | FhirSource | DicomSource, Field(discriminator="type")]
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -134,9 +172,70 @@ class MllpDestination(Strict):
     ack_timeout_seconds: float = Field(30.0, gt=0)
     on_negative_ack: Literal["retry", "dead"] = "retry"  # AE/AR/CE/CR
     retry: RetryPolicy = RetryPolicy()
+    # How this receiver wants procedure status from the Order Filler (IHE RAD-3): ORM^O01 (ORC-1 SC) for
+    # v2.3.1/2.4 receivers, OMG^O19 for v2.5/2.5.1. Version empty: 2.3.1 for ORM, 2.5.1 for OMG.
+    status_message: Literal["ORM^O01", "OMG^O19"] = "ORM^O01"
+    hl7_version: Literal["2.3.1", "2.4", "2.5", "2.5.1"] | None = None
+
+    @model_validator(mode="after")
+    def _status_form(self) -> "MllpDestination":
+        allowed = STATUS_VERSIONS[self.status_message]
+        if self.hl7_version is not None and self.hl7_version not in allowed:
+            raise ValueError(f"status_message {self.status_message} is sent as HL7 {' or '.join(allowed)}, "
+                             f"not {self.hl7_version}")
+        return self
+
+    @property
+    def status_version(self) -> str:
+        return self.hl7_version or STATUS_VERSIONS[self.status_message][0]
 
 
-Destination = Annotated[MllpDestination, Field(discriminator="type")]
+# The first version of each is the default. ORM^O01 was withdrawn after v2.5; OMG^O19 took its place.
+STATUS_VERSIONS = {"ORM^O01": ("2.3.1", "2.4", "2.5"), "OMG^O19": ("2.5.1", "2.5")}
+
+
+class DicomDestination(Strict):
+    """Send spooled images with C-STORE (PS3.4 B), one association kept open across a run of images."""
+
+    type: Literal["dicom"]
+    name: str = Field(pattern=NAME_PATTERN)
+    ae_title: str = Field(pattern=r"^[ -\[\]-~]{1,16}$")  # the called AE title (PS3.5 AE VR)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(None, pattern=r"^[ -\[\]-~]{1,16}$")  # default: dicom.ae_title
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+    response_timeout_seconds: float = Field(60.0, gt=0)
+    idle_release_seconds: float = Field(5.0, ge=0)  # release the association after this long without images
+    keep_sent_files: bool = False  # keep the spooled copy after the PACS stored it
+    retry: RetryPolicy = RetryPolicy()
+
+
+class Route(Strict):
+    """Which images go where: the first route whose every given criterion matches wins (fnmatch patterns)."""
+
+    calling_ae_titles: list[str] = []  # empty: any modality
+    modalities: list[str] = []  # Modality (0008,0060): CT, MR, US ...
+    sop_classes: list[str] = []  # SOP Class UIDs or their keywords (CTImageStorage)
+    to: list[str] = Field(min_length=1)  # destination names of this channel
+
+    @field_validator("sop_classes")
+    @classmethod
+    def _sop_classes(cls, value: list[str]) -> list[str]:
+        from pydicom.uid import UID
+        from pynetdicom import sop_class
+
+        resolved = []
+        for item in value:
+            if re.fullmatch(r"[0-9.*?]+", item):
+                resolved.append(item)
+            elif isinstance(getattr(sop_class, item, None), UID):
+                resolved.append(str(getattr(sop_class, item)))
+            else:
+                raise ValueError(f"unknown SOP class {item!r} (a UID, or a keyword such as CTImageStorage)")
+        return resolved
+
+
+Destination = Annotated[MllpDestination | DicomDestination, Field(discriminator="type")]
 
 
 class Channel(Strict):
@@ -146,6 +245,7 @@ class Channel(Strict):
     source: Source
     steps: list[Step] = []
     destinations: list[Destination] = []
+    routes: list[Route] = []  # dicom source only; none: every image to every destination
 
     @model_validator(mode="after")
     def _destinations(self) -> "Channel":
@@ -155,6 +255,23 @@ class Channel(Strict):
             raise ValueError(f"destination names must be unique in a channel: {', '.join(duplicates)}")
         if not self.destinations and not any(isinstance(s, ActorStep) for s in self.steps):
             raise ValueError("a channel needs at least one destination or an actor step")
+        if isinstance(self.source, DicomSource):
+            if self.steps:
+                raise ValueError("a dicom channel takes no steps: coercion and routes are its processing")
+            if not self.destinations or any(not isinstance(d, DicomDestination) for d in self.destinations):
+                raise ValueError("a dicom channel needs dicom destinations, and only those")
+            for route in self.routes:
+                unknown = [name for name in route.to if name not in names]
+                if unknown:
+                    raise ValueError(f"route to unknown destination: {', '.join(unknown)}")
+        elif self.routes:
+            raise ValueError("routes apply to a dicom source only")
+        elif any(isinstance(d, DicomDestination) for d in self.destinations):
+            raise ValueError("dicom destinations take images from a dicom source only")
+        if isinstance(self.source, FhirSource):
+            # a resource is mapped to the model at its edge: only actors take it, HL7 field edits cannot apply
+            if any(isinstance(s, SetFieldsStep) for s in self.steps) or not any(isinstance(s, ActorStep) for s in self.steps):
+                raise ValueError("a fhir channel takes filter and actor steps, and needs an actor step")
         return self
 
 
@@ -169,6 +286,16 @@ class DicomSettings(Strict):
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(32, ge=1)
     network_timeout_seconds: float = Field(30.0, gt=0)
+    # Largest PDU the listener takes (PS3.8 D.1, 0 = no limit). Peers send no larger PDUs than this: at
+    # pynetdicom's 16 KiB a 512 KiB image is 32 PDUs, each parsed in Python (a third of the image rate).
+    max_pdu_length: int = Field(262144, ge=0)
+
+
+class HttpSettings(Strict):
+    """The engine's one HTTP listener: FHIR intake, and the admin UI and REST API (CONTRACT.md: SWF_HTTP_PORT)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
 
 
 class StationRule(Strict):
@@ -217,16 +344,31 @@ class WorklistSettings(Strict):
     patient_id_type: str = Field("MR", max_length=5)
 
 
+class MppsSettings(Strict):
+    """The MPPS SCP (PS3.4 F.7) and the status it sends to the Order Placer (IHE RAD-3, ORC-1 SC)."""
+
+    # channel whose destinations get the status messages; null sends none. Left at its default, a config
+    # without that channel records MPPS and sends nothing.
+    status_channel: str | None = Field("his_outbound", pattern=NAME_PATTERN)
+    sending_application: str = Field("SWF", max_length=180)  # MSH-3
+    sending_facility: str = Field("RAD", max_length=180)  # MSH-4
+
+
 class EngineSettings(Strict):
     uid_root: str = Field("2.25", pattern=r"^[0-2](\.(0|[1-9][0-9]*))+$", max_length=40)
     dispatch_batch: int = Field(200, ge=1)
+    # How long the journal writer waits for more messages to share a commit (group commit), in ms.
+    commit_delay_ms: float = Field(0.0, ge=0, le=50)
 
 
 class Config(Strict):
     engine: EngineSettings = EngineSettings()
     channels: list[Channel] = Field(min_length=1)
     dicom: DicomSettings = DicomSettings()
+    # absent: no HTTP listener (a config for MLLP relays only)
+    http: HttpSettings | None = None
     worklist: WorklistSettings = WorklistSettings()
+    mpps: MppsSettings = MppsSettings()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -235,14 +377,27 @@ class Config(Strict):
         for name in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"channel name {name!r} is used more than once")
         ports: dict[int, str] = {}
+        resources: dict[str, str] = {}
         for channel in self.channels:
             if isinstance(channel.source, MllpSource):
                 other = ports.setdefault(channel.source.port, channel.name)
                 if other != channel.name:
                     problems.append(f"channel {channel.name!r} listens on port {channel.source.port}, as {other!r} does")
+            if isinstance(channel.source, FhirSource):
+                if self.http is None:
+                    problems.append(f"channel {channel.name!r} takes FHIR over HTTP: the config needs an http: section")
+                other = resources.setdefault(channel.source.resource, channel.name)
+                if other != channel.name:
+                    problems.append(f"channel {channel.name!r} takes {channel.source.resource}, as {other!r} does")
             for step in channel.steps:
                 if isinstance(step, ActorStep) and step.emit_to and step.emit_to not in names:
                     problems.append(f"channel {channel.name!r}: emit_to names no channel: {step.emit_to!r}")
+        dicom = [c.name for c in self.channels if c.enabled and isinstance(c.source, DicomSource)]
+        if len(dicom) > 1:
+            problems.append(f"only one channel can take C-STORE from the DICOM listener: {', '.join(dicom)}")
+        status_channel = self.mpps.status_channel
+        if "status_channel" in self.mpps.model_fields_set and status_channel and status_channel not in names:
+            problems.append(f"mpps.status_channel names no channel: {status_channel!r}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -319,7 +474,7 @@ def _line_for(loc: tuple, data: Any, lines: dict[tuple, int]) -> int:
 
 
 def _describe(error: dict) -> str:
-    loc = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p in {"mllp", "internal", "filter", "set_fields", "actor"}))
+    loc = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p in {"mllp", "internal", "fhir", "dicom", "filter", "set_fields", "actor"}))
     if error["type"] == "extra_forbidden":
         return f"unknown key {loc.rsplit('.', 1)[-1]!r} (at {loc})"
     if error["type"] == "missing":

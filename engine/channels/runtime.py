@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Awaitable, Callable, Mapping
 
 from engine.actors.base import Actor
-from engine.channels.dispatcher import DestinationDispatcher
+from engine.channels.dispatcher import DestinationDispatcher, sender_for
 from engine.channels.journal_writer import JournalWriter
 from engine.channels.mllp import Frame, MllpServer
 from engine.channels.pipeline import Inbound, Outcome, Pipelines
@@ -44,7 +44,8 @@ class Engine:
     def __post_init__(self) -> None:
         self.pipelines = Pipelines(self.config.channels, self.actors, clock=self.clock, ids=self.ids,
                                    settings=self.actor_settings)
-        self.writer = JournalWriter(self.store, self.pipelines.process_batch)
+        self.writer = JournalWriter(self.store, self.pipelines.process_batch,
+                                    commit_delay=self.config.engine.commit_delay_ms / 1000)
         self.dispatchers: list[DestinationDispatcher] = []
         self._servers: list[MllpServer] = []
         self._tasks: list[asyncio.Task] = []
@@ -61,7 +62,9 @@ class Engine:
                 continue
             for destination in channel.destinations:
                 dispatcher = DestinationDispatcher(self.store, self.writer, self.clock, channel.name, destination,
-                                                   batch=self.config.engine.dispatch_batch)
+                                                   batch=self.config.engine.dispatch_batch,
+                                                   sender=sender_for(destination,
+                                                                     calling_ae_title=self.config.dicom.ae_title))
                 self.dispatchers.append(dispatcher)
                 self._tasks.append(asyncio.create_task(dispatcher.run(), name=f"dispatch:{channel.name}:{destination.name}"))
             if isinstance(channel.source, MllpSource):
@@ -71,6 +74,8 @@ class Engine:
                                     max_connections=channel.source.max_connections, name=channel.name)
                 await server.start()
                 self._servers.append(server)
+        if self.store.is_sqlite:
+            self._tasks.append(asyncio.create_task(self._checkpoints(), name="sqlite-checkpoint"))
         for service in self.services:
             self._stoppers.append(await service(self))
 
@@ -83,6 +88,14 @@ class Engine:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.to_thread(self.writer.stop)
+
+    async def _checkpoints(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.store.checkpoint)
+            except Exception:  # a busy database: the next round catches up
+                log.warning("sqlite checkpoint failed", exc_info=True)
 
     def wake_dispatchers(self) -> None:
         for dispatcher in self.dispatchers:

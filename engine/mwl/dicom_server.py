@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.events import Event
 
-from engine.mwl import mwl_scp, verification
+from engine.mwl import mpps_scp, mwl_scp, storage_scp, verification
 
 if TYPE_CHECKING:
     from engine.channels.runtime import Engine
 
 log = logging.getLogger(__name__)
 
-ROLES: tuple[ModuleType, ...] = (verification, mwl_scp)
+ROLES: tuple[ModuleType, ...] = (verification, mwl_scp, mpps_scp, storage_scp)
 STOP_GRACE_SECONDS = 2.0
 
 
@@ -46,13 +46,18 @@ def build_ae(engine: "Engine", roles: Sequence[ModuleType] = ROLES) -> tuple[AE,
     settings = engine.config.dicom
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_length
     ae.network_timeout = settings.network_timeout_seconds
     ae.acse_timeout = settings.network_timeout_seconds
     ae.dimse_timeout = settings.network_timeout_seconds
     handlers: list[tuple] = [(evt.EVT_CONN_OPEN, no_delay)]
     for role in roles:
+        if not getattr(role, "enabled", lambda config: True)(engine.config):
+            continue
+        # a role may accept more than the uncompressed syntaxes (Storage: JPEG, JPEG 2000, RLE ... as sent)
+        syntaxes = getattr(role, "TRANSFER_SYNTAXES", DEFAULT_TRANSFER_SYNTAXES)
         for sop_class in role.SOP_CLASSES:
-            ae.add_supported_context(sop_class, DEFAULT_TRANSFER_SYNTAXES)
+            ae.add_supported_context(sop_class, syntaxes)
         handlers.extend(role.dicom_handlers(engine))
     return ae, handlers
 

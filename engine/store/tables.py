@@ -187,3 +187,43 @@ class ScheduledStep(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     order: Mapped[ImagingOrder] = relationship(back_populates="steps")
+
+
+class PerformedProcedureStep(Base):
+    """A Modality Performed Procedure Step instance (PS3.4 F.7), with the attributes as last set."""
+
+    __tablename__ = "performed_procedure_step"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    # IN PROGRESS | COMPLETED | DISCONTINUED (PS3.3 C.4.14)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    # no Scheduled Step Attributes item matched a worklist entry: recorded, no status goes to the HIS
+    unscheduled: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    pps_id: Mapped[str] = mapped_column(String(16), default="")
+    station_aet: Mapped[str] = mapped_column(String(16), default="")
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    accession: Mapped[str] = mapped_column(String(16), default="", index=True)  # as the modality sent it
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    start_date: Mapped[str] = mapped_column(String(8), default="")
+    start_time: Mapped[str] = mapped_column(String(6), default="")
+    end_date: Mapped[str] = mapped_column(String(8), default="")
+    end_time: Mapped[str] = mapped_column(String(6), default="")
+    discontinuation_reason: Mapped[str] = mapped_column(String(64), default="")
+    # the instance's attributes after the last N-SET, explicit VR little endian (an N-GET answers from them)
+    attributes: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    steps: Mapped[list["ScheduledStep"]] = relationship(secondary="performed_step_link", order_by="ScheduledStep.id")
+
+
+class PerformedStepLink(Base):
+    """Which scheduled steps a performed step fulfils: one, several (group case) or none (unscheduled)."""
+
+    __tablename__ = "performed_step_link"
+
+    performed_ref: Mapped[int] = mapped_column(ForeignKey("performed_procedure_step.id"), primary_key=True)
+    step_ref: Mapped[int] = mapped_column(ForeignKey("scheduled_step.id"), primary_key=True, index=True)
