@@ -109,6 +109,12 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), robust to other load on the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def durable_commit_rate(directory: Path, seconds: float = 3.0) -> float:
     db = sqlite3.connect(directory / "floor.db", isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
@@ -130,13 +136,16 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--paced-seconds", type=float, default=10.0)
+    parser.add_argument("--commit-delay-ms", type=float, default=None,
+                        help="engine.commit_delay_ms for this run (default: the engine's default)")
     parser.add_argument("--profile", metavar="FILE", help="run the engine under py-spy, writing collapsed stacks here")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="swf-bench-"))
     port, his_port, bare_port = free_port(), free_port(), free_port()
     config = work / "channels.yaml"
-    config.write_text(textwrap.dedent(f"""\
+    engine_section = f"engine: {{commit_delay_ms: {args.commit_delay_ms}}}\n" if args.commit_delay_ms is not None else ""
+    config.write_text(engine_section + textwrap.dedent(f"""\
         channels:
           - name: bench
             source: {{type: mllp, port: {port}}}
@@ -171,10 +180,11 @@ def main() -> None:
         wait_port(bare_port)
         asyncio.run(load(port, 500, args.connections, "W"))  # warm-up
         drain(500)
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), cpu_seconds(engine.pid)
         elapsed, latencies = asyncio.run(load(port, args.messages, args.connections, "B"))
         engine_rate = args.messages / elapsed
         delivered_rate = args.messages / (drain(500 + args.messages) - started)
+        cpu_per_message = (cpu_seconds(engine.pid) - cpu_before) / args.messages
         # Paced latency is measured on an idle engine: the burst's deliveries are done.
         paced_total = int(args.rate * args.paced_seconds)
         _, paced = asyncio.run(load(port, paced_total, args.connections, "P", rate=args.rate))
@@ -198,6 +208,8 @@ def main() -> None:
     print(f"{f'engine paced at {args.rate:.0f} msg/s':44} {len(paced) / args.paced_seconds:9.0f} {pct(paced, .5):8.2f} {pct(paced, .99):8.2f}")
     print(f"{'floor: durable single-row commits (SQLite)':44} {floor:9.0f}")
     print(f"{'ceiling: bare MLLP server, ACK only':44} {bare_rate:9.0f} {pct(bare_lat, .5):8.2f} {pct(bare_lat, .99):8.2f}")
+    if not args.profile:
+        print(f"engine CPU per message, received and delivered: {cpu_per_message * 1e6:.0f} us")
     print(f"ratio engine / single-row commit rate: {engine_rate / floor:.2f}  (target >= 0.4)")
     print(f"ratio engine / bare MLLP ceiling:      {engine_rate / bare_rate:.2f}")
     print(f"delivered to the destination: {received} of {expected}")

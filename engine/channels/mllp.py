@@ -157,8 +157,10 @@ class MllpServer:
         framer = FrameReader(self.max_bytes)
         while True:
             try:
-                data = await asyncio.wait_for(reader.read(65536), timeout=self.idle_timeout)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: wait_for wraps every read in a new task, a cost per message.
+                async with asyncio.timeout(self.idle_timeout):
+                    data = await reader.read(65536)
+            except TimeoutError:
                 log.info("mllp idle timeout", extra={"channel": self.name, "peer": peer})
                 return
             if not data:
@@ -204,7 +206,8 @@ class MllpClient:
         try:
             self._writer.write(frame(payload))
             await self._writer.drain()
-            return await asyncio.wait_for(self._read_answer(), timeout=self.answer_timeout)
+            async with asyncio.timeout(self.answer_timeout):
+                return await self._read_answer()
         except BaseException:
             await self.close()
             raise

@@ -1,0 +1,90 @@
+"""The journal's hot statements give the same rows on the direct SQLite path as through SQLAlchemy Core."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import select
+
+from engine.store.db import Store
+from engine.store.journal_sql import JournalStatements
+from engine.store.tables import Delivery, DeliveryAttempt, Message
+
+RECEIVED = datetime(2026, 11, 22, 8, 5, 0, 123456, tzinfo=timezone.utc)
+SENT = datetime(2026, 11, 22, 8, 5, 1, tzinfo=timezone.utc)  # no microseconds: must still store .000000
+
+
+def message_row(n: int) -> dict:
+    return dict(channel="his_inbound", received_at=RECEIVED, peer="10.0.0.5:4100", content_type="hl7v2",
+                sender="HIS|HOSP", control_id=f"MSG{n}", message_type="ORM^O01", charset="gb18030",
+                raw="王小东".encode("gb18030"), text=f"MSH|...|王小东|{n}", status="processed", ack_code="AA",
+                error="", accepted_key=f"his_inbound|HIS|HOSP|MSG{n}", patient_id=None, accession=None)
+
+
+def delivery_row(message_id: int) -> dict:
+    return dict(message_id=message_id, channel="his_outbound", destination="his", status="queued", attempts=0,
+                next_attempt_at=RECEIVED, content_type="hl7v2", payload=b"MSH|^~\\&|", created_at=RECEIVED,
+                updated_at=RECEIVED, last_error="", response="")
+
+
+def journal(store: Store, direct: bool) -> tuple[list, list, list, dict]:
+    with store.session() as session:
+        statements = JournalStatements(session.connection())
+        statements.sqlite = direct  # Core statements run on SQLite too: the reference for the direct path
+        found_before = statements.accepted(["his_inbound|HIS|HOSP|MSG1"])
+        assert found_before == {}
+        ids = statements.insert_messages([message_row(n) for n in range(1, 4)])
+        statements.insert_deliveries([delivery_row(i) for i in ids])
+        delivery_ids = session.scalars(select(Delivery.id).order_by(Delivery.id)).all()
+        statements.mark_sent([(delivery_ids[0], 1, "MSA|AA|MSG1")], SENT)
+        statements.insert_attempts([{"delivery_id": delivery_ids[0], "at": SENT, "outcome": "sent",
+                                     "detail": "MSA|AA|MSG1"}])
+        found = statements.accepted(["his_inbound|HIS|HOSP|MSG2", "his_inbound|HIS|HOSP|MSG9"])
+    with store.session() as session:
+        messages = [(m.id, m.control_id, m.received_at, m.raw, m.text, m.accepted_key)
+                    for m in session.scalars(select(Message).order_by(Message.id))]
+        deliveries = [(d.id, d.message_id, d.status, d.attempts, d.sent_at, d.updated_at, d.next_attempt_at, d.response)
+                      for d in session.scalars(select(Delivery).order_by(Delivery.id))]
+        attempts = [(a.delivery_id, a.at, a.outcome, a.detail) for a in session.scalars(select(DeliveryAttempt))]
+    assert [m[0] for m in messages] == ids, "ids returned in the order of the rows"
+    return messages, deliveries, attempts, found
+
+
+@pytest.fixture
+def stores(tmp_path):
+    made = []
+    for name in ("direct", "core"):
+        store = Store(f"sqlite:///{tmp_path / name}.db")
+        store.migrate()
+        made.append(store)
+    yield made
+    for store in made:
+        store.dispose()
+
+
+def test_direct_sqlite_statements_write_what_core_writes(stores):
+    direct, core = stores
+    assert journal(direct, True) == journal(core, False)
+
+
+def test_rows_read_back_with_their_values(stores):
+    messages, deliveries, attempts, found = journal(stores[0], True)
+    assert messages[0][2].replace(tzinfo=None) == RECEIVED.replace(tzinfo=None)
+    assert messages[0][3].decode("gb18030") == "王小东"
+    assert deliveries[0][2:5] == ("sent", 1, SENT.replace(tzinfo=None))  # SQLite keeps UTC wall time
+    assert [d[2] for d in deliveries[1:]] == ["queued", "queued"]
+    assert attempts == [(deliveries[0][0], attempts[0][1], "sent", "MSA|AA|MSG1")]
+    assert found == {"his_inbound|HIS|HOSP|MSG2": (messages[1][0], "AA")}
+
+
+def test_ids_continue_after_earlier_rows(stores):
+    store = stores[0]
+    first = journal(store, True)[0]
+    with store.session() as session:
+        statements = JournalStatements(session.connection())
+        later = statements.insert_messages([dict(message_row(10), accepted_key="k10"),
+                                            dict(message_row(11), accepted_key="k11")])
+    assert later == [first[-1][0] + 1, first[-1][0] + 2]
+    with store.session() as session:
+        assert session.get(Message, later[1]).control_id == "MSG11"
