@@ -8,15 +8,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import tenacity
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from engine.channels.journal_writer import JournalWriter
 from engine.channels.mllp import MllpClient
 from engine.clock import Clock
-from engine.config import MllpDestination, RetryPolicy
+from engine.config import DicomDestination, FhirDestination, MllpDestination, RetryPolicy
 from engine.mappings.ack import ack_code_of
 from engine.store.db import Store
+from engine.store.journal_sql import JournalStatements
 from engine.store.tables import Delivery, DeliveryAttempt
 
 log = logging.getLogger(__name__)
@@ -73,15 +74,29 @@ class MllpSender:
         await self.client.close()
 
 
+def sender_for(destination: MllpDestination | DicomDestination, *, calling_ae_title: str = "SWF_ENGINE"):
+    """The connector for a destination's type: HL7 over MLLP, C-STORE of spooled files, or FHIR Bundles."""
+    if isinstance(destination, DicomDestination):
+        from engine.channels.dicom import DicomSender  # pynetdicom only for configs that send images
+
+        return DicomSender(destination, calling_ae_title=calling_ae_title)
+    if isinstance(destination, FhirDestination):
+        from engine.channels.fhir_out import FhirSender  # imports this module: Attempt
+
+        return FhirSender(destination)
+    return MllpSender(destination)
+
+
 class DestinationDispatcher:
     """Sends one destination's deliveries strictly in id order; a failing head blocks those behind it."""
 
     def __init__(self, store: Store, writer: JournalWriter, clock: Clock, channel: str,
-                 destination: MllpDestination, *, batch: int = 200, idle_poll: float = 1.0) -> None:
+                 destination: MllpDestination | DicomDestination, *, batch: int = 200, idle_poll: float = 1.0,
+                 sender=None) -> None:
         self.store, self.writer, self.clock = store, writer, clock
         self.channel, self.destination = channel, destination
         self.batch, self.idle_poll = batch, idle_poll
-        self.sender = MllpSender(destination)
+        self.sender = sender or sender_for(destination)
         self.wakeup = asyncio.Event()
 
     def _due(self) -> list[tuple[int, bytes, int, datetime]]:
@@ -100,6 +115,9 @@ class DestinationDispatcher:
             while True:
                 rows = await asyncio.to_thread(self._due)
                 if not rows:
+                    idle = getattr(self.sender, "idle", None)  # e.g. release a DICOM association
+                    if idle is not None:
+                        await idle()
                     await self._sleep(self.idle_poll)
                     continue
                 await self._send_in_order(rows)
@@ -144,18 +162,16 @@ class DestinationDispatcher:
         now = self.clock.utcnow()
 
         def record(session: Session) -> None:
-            connection = session.connection()
-            connection.execute(
-                update(DELIVERY).where(DELIVERY.c.id == bindparam("delivery_id")).values(
-                    status="sent", attempts=bindparam("attempt_count"), sent_at=now, updated_at=now,
-                    response=bindparam("answer"), last_error=""),
-                [{"delivery_id": d, "attempt_count": n, "answer": a.response[:4000]} for d, n, a in sent],
-            )
-            connection.execute(insert(ATTEMPT), [
+            statements = JournalStatements(session.connection())
+            statements.mark_sent([(d, n, a.response[:4000]) for d, n, a in sent], now)
+            statements.insert_attempts([
                 {"delivery_id": d, "at": now, "outcome": "sent", "detail": a.response[:2000]} for d, _, a in sent
             ])
 
         await self.writer.submit(record)
+        committed = getattr(self.sender, "committed", None)  # e.g. remove spooled files now recorded as sent
+        if committed is not None:
+            await committed()
 
     def _failure(self, delivery_id: int, attempts: int, attempt: Attempt):
         policy = self.destination.retry

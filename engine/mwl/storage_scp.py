@@ -1,0 +1,122 @@
+"""Storage SCP: C-STORE of every storage SOP class into the image router (PS3.4 B, IHE RAD-8).
+
+Datasets are taken as encoded, in the transfer syntax the modality chose (no transcoding, pixel data never
+decoded); engine.actors.image_router coerces, spools and journals them before this edge answers. Statuses
+(PS3.4 B.2.3): 0000 success (or B000 when coerced and the channel asks for it); A700 when the spool or the journal
+cannot take the image (the modality sends it again); A900 when the dataset's SOP Class differs from the request's;
+C000 for a dataset that cannot be parsed, C001 for an image no order matches on a channel that refuses those.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import TYPE_CHECKING
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    MPEG2MPML,
+    MPEG4HP41,
+    MPEG4HP41BD,
+    RLELossless,
+)
+from pynetdicom import evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from engine.actors.image_router import ImageRouter, ReceivedImage
+from engine.config import Config, DicomSource
+from engine.errors import EngineError
+from engine.mappings.dicom_worklist import clip
+from engine.store.spool import Spool
+
+if TYPE_CHECKING:
+    from engine.channels.runtime import Engine
+
+log = logging.getLogger(__name__)
+_association_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+SOP_CLASSES = tuple(context.abstract_syntax for context in AllStoragePresentationContexts)
+# Native first: offered several, pynetdicom takes the requestor's order; these are only what is accepted.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless, MPEG2MPML, MPEG4HP41, MPEG4HP41BD,
+]
+SUCCESS, COERCED = 0x0000, 0xB000
+DUL_LOOP_DELAY = 0.0002
+
+
+def enabled(config: Config) -> bool:
+    """Storage contexts are offered only when a channel takes images."""
+    return any(c.enabled and isinstance(c.source, DicomSource) for c in config.channels)
+
+
+def store_status(exc: EngineError) -> int:
+    """A failure status C-STORE allows (PS3.4 B.2.3, PS3.7 C.4.2.1.4): the error's own, else C000."""
+    code = exc.dimse
+    if 0xA700 <= code <= 0xA7FF or 0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF or code in (0x0122, 0x0124):
+        return code
+    return 0xC000
+
+
+def failure(status: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = clip(comment.encode("ascii", "replace").decode(), 64)
+    return ds
+
+
+def on_store(event: Event, router: ImageRouter, engine: "Engine") -> int | Dataset:
+    """EVT_C_STORE: hand the encoded dataset to the router; answer once it is on disk and journaled."""
+    request = event.request
+    calling = event.assoc.requestor.ae_title
+    # pynetdicom's DUL thread sleeps this long whenever it finds nothing to do (1 ms by default): on a series
+    # of C-STOREs that is paid several times per image. Shorter only on associations that carry images.
+    event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY
+    try:
+        image = ReceivedImage(
+            calling_ae=calling, peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+            sop_class_uid=str(request.AffectedSOPClassUID), sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            transfer_syntax=str(event.context.transfer_syntax), data=request.DataSet.getvalue())
+        # one look-up of the order per association: a modality sends a whole series on one
+        stored = router.receive(image, cache=_association_cache.setdefault(event.assoc, {}))
+    except EngineError as exc:
+        status = store_status(exc)
+        log.warning("image refused: %s", exc.__class__.__name__, extra={
+            "calling_ae": calling, "status": f"0x{status:04X}", "error": str(exc),
+            "sop_instance_uid": str(request.AffectedSOPInstanceUID)})
+        return failure(status, str(exc))
+    except Exception as exc:  # a defect must cost one image, not the listener
+        log.error("image refused: %s", exc.__class__.__name__, extra={"calling_ae": calling})
+        log.debug("storage failure", exc_info=True)
+        return failure(0xC000, f"unable to process: {exc.__class__.__name__}")
+    if stored.destinations:
+        engine.wake_dispatchers_threadsafe()
+    if stored.coerced and router.source.coercion_status == "warning":
+        return COERCED
+    return SUCCESS
+
+
+def dicom_handlers(e: "Engine") -> list[tuple]:
+    """This role's handler on the shared DICOM listener, for the one channel with a dicom source."""
+    channel = next((c for c in e.config.channels if c.enabled and isinstance(c.source, DicomSource)), None)
+    if channel is None:
+        return []
+    spool = Spool(e.data_dir / "store")
+    spool.sweep_empty()
+    router = ImageRouter(channel, e.store, e.writer, e.clock, spool,
+                         ae_title=e.config.dicom.ae_title, names=e.config.worklist)
+    return [(evt.EVT_C_STORE, on_store, [router, e])]

@@ -1,0 +1,192 @@
+"""Header coercion from the order (engine.mappings.dicom_coercion): pure, no peers (issue 4)."""
+
+from __future__ import annotations
+
+import zlib
+from datetime import datetime, timezone
+from io import BytesIO
+from types import SimpleNamespace
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
+)
+
+from engine.config import Route
+from engine.errors import Malformed, MissingField
+from engine.actors.image_router import route_for
+from engine.mappings.dicom_coercion import (
+    apply_coercion,
+    coercion_values,
+    fill_values,
+    join_header,
+    part10,
+    split_header,
+    tag_names,
+)
+from engine.mappings.dicom_worklist import CharacterProfile
+
+NOW = datetime(2026, 11, 22, 9, 30, tzinfo=timezone.utc)
+PATIENT = SimpleNamespace(patient_id="300101", issuer="HOSP", family_name="王", given_name="小东", family_pinyin="wang",
+                          given_pinyin="xiaodong", name_is_latin=False, birth_date="19800315", sex="M")
+ORDER = SimpleNamespace(accession="A2611220001", requested_procedure_id="RP2611220001", procedure_code="CT0101",
+                        procedure_scheme="99HIS", procedure_meaning="胸部CT平扫", study_instance_uid="1.2.3.4")
+STEP = SimpleNamespace(step_id="SPS2611220001", description="")
+UNICODE, ASCII = CharacterProfile("unicode"), CharacterProfile("ascii")
+PIXELS = bytes(range(256)) * 8  # 2048 bytes: 32 x 32 x 16-bit
+
+
+def encoded(ts, *, charset="GB18030", pixel_data: bytes | None = PIXELS, encapsulated=False, **values) -> bytes:
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = values.pop("sop_instance_uid", "1.2.3.99")
+    ds.StudyInstanceUID = "1.2.3.4"
+    ds.AccessionNumber = values.pop("accession", "A2611220001")
+    ds.Modality = "CT"
+    ds.PatientName = values.pop("name", "Wrong^Name=错^名")
+    ds.PatientID = "WRONG1"
+    ds.InstitutionName = "北京医院" if charset else "BEIJING"
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "X1", "99", "胸部" if charset else "CHEST"
+    ds.ProcedureCodeSequence = [item]
+    ds.Rows = ds.Columns = 32
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    if pixel_data is not None:
+        ds.PixelData = encapsulate([pixel_data]) if encapsulated else pixel_data
+        if encapsulated:
+            ds["PixelData"].VR = "OB"
+            ds["PixelData"].is_undefined_length = True
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = ts.is_implicit_VR, ts.is_little_endian
+    write_dataset(fp, ds)
+    data = fp.getvalue()
+    if ts.is_deflated:
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = compressor.compress(data) + compressor.flush()
+    return data
+
+
+def coerce(data: bytes, ts, profile=UNICODE) -> tuple[Dataset, list[str], bytes]:
+    header = split_header(data, ts)
+    changed = apply_coercion(header.dataset, coercion_values(PATIENT, ORDER, STEP, profile),
+                             fill=fill_values(ORDER, profile), charset=profile.charset, now=NOW,
+                             modifying_system="SWF_ENGINE", source="CT01")
+    out = join_header(header)
+    file = part10(out, sop_class_uid=header.sop_class_uid, sop_instance_uid=header.sop_instance_uid,
+                  transfer_syntax=str(ts), source_ae="CT01", implementation_uid="2.25.1", implementation_version="T")
+    return dcmread(BytesIO(file)), tag_names(changed), out
+
+
+@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
+                                DeflatedExplicitVRLittleEndian])
+def test_patient_and_request_from_the_order_in_every_native_syntax(ts):
+    ds, changed, _ = coerce(encoded(ts), ts)
+    assert ds.file_meta.TransferSyntaxUID == ts
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    assert ds.PatientName == "WANG^XIAODONG=王^小东"
+    assert (ds.PatientID, ds.IssuerOfPatientID, ds.PatientBirthDate, ds.PatientSex) == ("300101", "HOSP", "19800315", "M")
+    assert ds.AccessionNumber == "A2611220001"
+    [request] = ds.RequestAttributesSequence
+    assert (request.RequestedProcedureID, request.ScheduledProcedureStepID) == ("RP2611220001", "SPS2611220001")
+    assert request.RequestedProcedureCodeSequence[0].CodeValue == "CT0101"
+    assert ds.StudyDescription == "胸部CT平扫"
+    # text in the old character set, at the top and in sequence items, re-encoded for the new one
+    assert ds.InstitutionName == "北京医院"
+    assert ds.ProcedureCodeSequence[0].CodeMeaning == "胸部"
+    assert "AccessionNumber" not in changed  # the same value is not a change
+    assert ds.PixelData == PIXELS
+
+
+def test_replaced_values_are_kept_in_original_attributes_sequence():
+    """PS3.3 C.12.1.1.9.2: old values, when, who, from where, why; absent ones listed empty."""
+    ds, changed, _ = coerce(encoded(ExplicitVRLittleEndian), ExplicitVRLittleEndian)
+    [item] = ds.OriginalAttributesSequence
+    assert item.ReasonForTheAttributeModification == "COERCE"
+    assert item.ModifyingSystem == "SWF_ENGINE"
+    assert item.SourceOfPreviousValues == "CT01"
+    assert item.AttributeModificationDateTime.startswith("20261122093000")
+    [modified] = item.ModifiedAttributesSequence
+    assert modified.PatientName == "Wrong^Name=错^名"
+    assert modified.PatientID == "WRONG1"
+    assert modified.PatientBirthDate == ""  # was absent
+    assert "AccessionNumber" not in modified
+    assert set(changed) == {"PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+                            "RequestAttributesSequence", "StudyDescription"}
+
+
+def test_a_second_coercion_appends_an_item_and_changes_nothing_when_already_right():
+    _, _, once = coerce(encoded(ExplicitVRLittleEndian), ExplicitVRLittleEndian)
+    header = split_header(once, ExplicitVRLittleEndian)
+    again = apply_coercion(header.dataset, coercion_values(PATIENT, ORDER, STEP, UNICODE), charset="ISO_IR 192",
+                           now=NOW, modifying_system="SWF_ENGINE", source="CT01")
+    assert again == []
+    assert len(header.dataset.OriginalAttributesSequence) == 1
+
+
+def test_ascii_profile_keeps_the_character_set_and_sends_pinyin_only():
+    ds, _, _ = coerce(encoded(ExplicitVRLittleEndian), ExplicitVRLittleEndian, ASCII)
+    assert ds.SpecificCharacterSet == "GB18030"
+    assert ds.PatientName == "WANG^XIAODONG"
+
+
+def test_ascii_dataset_without_character_set_becomes_utf8_without_rewriting():
+    ds, _, _ = coerce(encoded(ImplicitVRLittleEndian, charset=None, name="WRONG^NAME"), ImplicitVRLittleEndian)
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    assert ds.OriginalAttributesSequence[0].ModifiedAttributesSequence[0].PatientName == "WRONG^NAME"
+
+
+def test_compressed_pixel_data_is_carried_byte_for_byte():
+    """JPEG 2000 frames are never decoded: the encapsulated element is appended as it came."""
+    frame = b"\xff\x4f\xff\x51" + bytes(range(200)) + b"\xff\xd9"
+    data = encoded(ExplicitVRLittleEndian, pixel_data=frame, encapsulated=True)
+    header = split_header(data, JPEG2000Lossless)
+    assert data.endswith(header.tail) and header.tail.startswith(b"\xe0\x7f\x10\x00OB")
+    apply_coercion(header.dataset, coercion_values(PATIENT, ORDER, STEP, UNICODE), charset="ISO_IR 192", now=NOW,
+                   modifying_system="SWF_ENGINE", source="CT01")
+    assert join_header(header).endswith(header.tail)
+
+
+@pytest.mark.parametrize("data, error", [
+    (b"\x08\x00\x16\x00UI\x40\x00" + b"1.2" * 3, Malformed),  # value shorter than its length
+    (b"\x10\x00\x10\x00PN\x04\x00ABCD", MissingField),  # no SOP Class / Instance UID
+    (encoded(ExplicitVRLittleEndian)[:-100], Malformed),  # pixel data cut short
+    (b"\x00\x01\x02", (Malformed, MissingField)),
+])
+def test_broken_datasets_are_refused(data, error):
+    with pytest.raises(error):
+        split_header(data, ExplicitVRLittleEndian)
+
+
+def test_no_pixel_data_means_the_whole_dataset_is_header():
+    header = split_header(encoded(ExplicitVRLittleEndian, pixel_data=None), ExplicitVRLittleEndian)
+    assert header.tail == b""
+
+
+def test_first_matching_route_wins_and_no_routes_means_everywhere():
+    routes = [Route(modalities=["US"], to=["us_archive"]),
+              Route(calling_ae_titles=["CT*"], sop_classes=["CTImageStorage"], to=["pacs", "research"]),
+              Route(to=["pacs"])]
+    ct = dict(calling_ae="CT01", modality="CT", sop_class_uid="1.2.840.10008.5.1.4.1.1.2")
+    assert route_for(routes, ["pacs"], **ct) == ["pacs", "research"]
+    assert route_for(routes, ["pacs"], calling_ae="US01", modality="US", sop_class_uid="1.2") == ["us_archive"]
+    assert route_for(routes, ["pacs"], calling_ae="MR01", modality="MR", sop_class_uid="1.2") == ["pacs"]
+    assert route_for([], ["a", "b"], **ct) == ["a", "b"]
+    assert route_for(routes[:1], ["pacs"], **ct) == []
+
+
+def test_unknown_sop_class_keyword_fails_validation():
+    with pytest.raises(ValueError, match="unknown SOP class"):
+        Route(sop_classes=["CTImageStorag"], to=["pacs"])
