@@ -182,3 +182,46 @@ class PerformedStep:
     patient_id: str = ""
     description: str = ""
     discontinuation_reason: str = ""  # code meaning of (0040,0281)
+
+
+REPORT_STATUSES = ("preliminary", "final", "corrected", "amended", "cancelled")
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Who signed a report version: a resident's preliminary, an attending's final (XCN: id^family^given)."""
+
+    id: str = ""
+    name: str = ""  # family^given as sent
+    role: str = ""  # resident | attending | ... (free text, shown to the analyst)
+
+
+@dataclass(frozen=True)
+class ReportMessage:
+    """One version of a diagnostic report as its sender reported it (ORU^R01, REST JSON); IHE RAD TF-2 4.128."""
+
+    status: str  # one of REPORT_STATUSES
+    accession: str = ""
+    placer: EntityId = EntityId()
+    filler: EntityId = EntityId()
+    patient_id: str = ""
+    patient_issuer: str = ""
+    procedure: CodedValue = CodedValue()
+    findings: str = ""  # lines separated by \n
+    impression: str = ""
+    signer: Signer = Signer()
+    signed_at: str = ""  # HL7 TS: YYYYMMDDHHMMSS[+zzzz]
+    observed_at: str = ""
+    pdf: bytes = b""
+    source: str = "hl7"  # hl7 | rest | sr
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ReportLink:
+    """An analyst's request to link a held (unmatched) report to an order."""
+
+    report_id: int
+    accession: str = ""
+    placer: str = ""
+    filler: str = ""

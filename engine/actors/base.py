@@ -18,6 +18,8 @@ class Outbound:
     content_type: str = "hl7v2"
     codec: str = "utf-8"
     channel: str | None = None  # None: the channel the actor runs in (or its step's emit_to)
+    # only these destinations of that channel (a form some receivers want, e.g. ORU^R01 v2.5.1); None: all
+    destinations: tuple[str, ...] | None = None
 
 
 @dataclass

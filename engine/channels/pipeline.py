@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from engine.actors.base import Actor, ActorContext, ActorResult, Outbound
@@ -17,6 +17,7 @@ from engine.config import ActorStep, Channel, FilterStep, MllpDestination, SetFi
 from engine.errors import EngineError, Unsupported
 from engine.mappings.charset import hl7_name_for_codec, normal_codec
 from engine.mappings.hl7_message import DecodedMessage, with_fields
+from engine.store.journal_sql import JournalStatements
 from engine.store.tables import Delivery, Message
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class Inbound:
     decoded: DecodedMessage | ParsedBody | None
     error: EngineError | None = None
     content_type: str = "hl7v2"  # hl7v2 | fhir+json
+    # an analyst's reprocess or edit-and-resend: processed again although its control id was accepted before
+    replay: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,14 +92,10 @@ class Pipelines:
         Actor steps still run one message at a time, each in its own savepoint, so a rejected
         message changes nothing while the rest of the batch commits.
         """
-        connection = session.connection()
+        statements = JournalStatements(session.connection())
         plans = [self._plan(inbound) for inbound in inbounds]
         keys = [plan.key for plan in plans if plan.key and plan.status != "error"]
-        earlier: dict[str, tuple[int, str]] = {}
-        if keys:
-            for row in connection.execute(select(MESSAGE.c.accepted_key, MESSAGE.c.id, MESSAGE.c.ack_code)
-                                          .where(MESSAGE.c.accepted_key.in_(keys))):
-                earlier[row.accepted_key] = (row.id, row.ack_code or "AA")
+        earlier = statements.accepted(keys)
         first_in_batch: dict[str, _Plan] = {}
         fresh: list[_Plan] = []
         for plan in plans:
@@ -110,9 +109,8 @@ class Pipelines:
                 first_in_batch[plan.key] = plan
             fresh.append(plan)
         if fresh:
-            rows = [self._message_row(plan) for plan in fresh]
-            ids = connection.execute(insert(MESSAGE).returning(MESSAGE.c.id, sort_by_parameter_order=True), rows)
-            for plan, message_id in zip(fresh, ids.scalars()):
+            ids = statements.insert_messages([self._message_row(plan) for plan in fresh])
+            for plan, message_id in zip(fresh, ids):
                 plan.message_id = message_id
         relay_rows = []
         for plan in fresh:
@@ -122,8 +120,7 @@ class Pipelines:
                 self._run_actors(session, plan)
             else:
                 relay_rows += self._relay_rows(plan)
-        if relay_rows:
-            connection.execute(insert(DELIVERY), relay_rows)
+        statements.insert_deliveries(relay_rows)
         return [plan.outcome() for plan in plans]
 
     def _plan(self, inbound: Inbound) -> "_Plan":
@@ -137,7 +134,8 @@ class Pipelines:
         else:
             header = decoded.header
             plan = _Plan(inbound, channel, status="processed",
-                         key=accepted_key(channel.name, header.sender, header.control_id), text=decoded.text)
+                         key=None if inbound.replay else accepted_key(channel.name, header.sender, header.control_id),
+                         text=decoded.text)
         try:
             for step in channel.steps:
                 if isinstance(step, FilterStep) and not self._passes(step, decoded):
@@ -150,7 +148,7 @@ class Pipelines:
                 if isinstance(step, SetFieldsStep):
                     plan.text = with_fields(plan.text, header, step.fields)
                     plan.changed = True
-                if isinstance(step, ActorStep):
+                if isinstance(step, ActorStep) and (not step.message_types or self._passes(step, decoded)):
                     plan.actor_steps.append(step)
         except EngineError as exc:
             plan.status, plan.error = "error", exc
@@ -178,7 +176,7 @@ class Pipelines:
             session.connection().execute(update(MESSAGE).where(MESSAGE.c.id == plan.message_id).values(**values))
 
     @staticmethod
-    def _passes(step: FilterStep, decoded: DecodedMessage | ParsedBody) -> bool:
+    def _passes(step: FilterStep | ActorStep, decoded: DecodedMessage | ParsedBody) -> bool:
         label = _type_label(decoded)
         return any(fnmatch.fnmatchcase(label, pattern) for pattern in step.message_types)
 
@@ -195,8 +193,12 @@ class Pipelines:
         plan.result.patient_id = result.patient_id or plan.result.patient_id
         plan.result.accession = result.accession or plan.result.accession
         plan.result.created += result.created
+        plan.result.note = "; ".join(n for n in (plan.result.note, result.note) if n)
         for outbound in result.outbound:
             target = self.channels[outbound.channel or step.emit_to or plan.channel.name]
+            if outbound.destinations is not None:
+                target = target.model_copy(update={"destinations": [
+                    d for d in target.destinations if d.name in outbound.destinations]})
             self.enqueue(session, target, plan.message_id, outbound)
 
     def _relay_rows(self, plan: "_Plan") -> list[dict]:
@@ -219,7 +221,9 @@ class Pipelines:
         now = self.clock.utcnow()
         rows = [
             _delivery_row(message_id, channel.name, destination.name,
-                          encode_for(destination, outbound.text, outbound.codec), outbound.content_type, now)
+                          encode_for(destination, outbound.text, outbound.codec)
+                          if isinstance(destination, MllpDestination) else outbound.text.encode(outbound.codec),
+                          outbound.content_type, now)
             for destination in channel.destinations
         ]
         if rows:

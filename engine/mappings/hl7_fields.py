@@ -45,6 +45,11 @@ DEFAULTS: dict[str, tuple[str, ...]] = {
     "department": ("ORC-17",),
     "step_location": (),
     "study_instance_uid": ("ZDS-1",),
+    # results (ORU^R01 OBR)
+    "observed_at": ("OBR-7",),
+    "reported_at": ("OBR-22", "MSH-7"),
+    "result_status": ("OBR-25",),
+    "interpreter": ("OBR-32",),
 }
 
 _EXPLICIT_REPETITION = re.compile(r"-\d+\(\d+\)")
