@@ -1,4 +1,4 @@
-"""swf-engine command line: serve, check, send, reprocess."""
+"""swf-engine command line: serve, check, send, reprocess, capture, user."""
 
 from __future__ import annotations
 
@@ -57,7 +57,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     store = _store()
     store.migrate()
-    engine = build_engine(config, store, _data_dir())
+    from admin_ui import ROUTERS as ADMIN_ROUTERS
+    from engine.http_api import ROUTERS
+
+    engine = build_engine(config, store, _data_dir(), config_path=_config_path(args).resolve(),
+                          http_routers=(*ROUTERS, *ADMIN_ROUTERS))
     # The journal writer, the event loop and pynetdicom's threads hand the GIL to each other on every
     # message; with the default 5 ms switch interval an ACK can wait a whole interval for the loop.
     sys.setswitchinterval(float(os.environ.get("SWF_SWITCH_INTERVAL", "0.0005")))
@@ -163,6 +167,63 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     return 0 if count else 1
 
 
+def cmd_capture_import(args: argparse.Namespace) -> int:
+    from engine import logs
+    from engine.app import build_engine
+    from engine.config import load_config
+    from engine.errors import ConfigError
+    from engine.non_dicom_capture.importer import run_import
+
+    logs.setup(os.environ.get("SWF_LOG_LEVEL", "WARNING"))
+    try:
+        config = load_config(_config_path(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    store = _store()
+    store.migrate()
+    engine = build_engine(config, store, _data_dir())
+    engine.writer.start()
+    try:
+        return run_import(engine, args.accession, [Path(f) for f in args.files], station_name=args.station,
+                          wait=args.wait)
+    finally:
+        engine.writer.stop()
+        store.dispose()
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    """Add a local user of the admin UI (the first admin, typically); the password from stdin or a prompt."""
+    import getpass
+
+    from admin_ui.auth import ROLES, add_user
+    from engine.clock import Clock
+
+    if args.role not in ROLES:
+        print(f"swf-engine user add: role must be one of {', '.join(ROLES)}", file=sys.stderr)
+        return 2
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"password for {args.username}: ")
+        if password != getpass.getpass("again: "):
+            print("swf-engine user add: the passwords differ", file=sys.stderr)
+            return 1
+    store = _store()
+    store.migrate()
+    try:
+        with store.session() as session:
+            add_user(session, args.username, password, args.role, Clock().utcnow())
+    except ValueError as exc:
+        print(f"swf-engine user add: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()
+    print(f"user {args.username} added with role {args.role}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swf-engine", description=__doc__)
     parser.add_argument("--version", action="version", version=f"swf-engine {__version__}")
@@ -187,6 +248,26 @@ def main(argv: list[str] | None = None) -> int:
     reprocess.add_argument("--all-dead", action="store_true")
     reprocess.add_argument("--channel")
     reprocess.set_defaults(func=cmd_reprocess)
+
+    capture = commands.add_parser("capture", help="non-DICOM capture: wrap exported stills and clips into DICOM")
+    capture_commands = capture.add_subparsers(dest="capture_command", required=True)
+    capture_import = capture_commands.add_parser(
+        "import", help="wrap stills/clips for an order, send them to the PACS, print the SOP Instance UIDs")
+    capture_import.add_argument("--accession", required=True)
+    capture_import.add_argument("--station", help="capture station whose settings apply (default: by modality)")
+    capture_import.add_argument("--config", default="channels.yaml")
+    capture_import.add_argument("--wait", type=float, default=60.0,
+                                help="seconds to wait for delivery; what is not delivered stays queued")
+    capture_import.add_argument("files", nargs="+", metavar="FILE")
+    capture_import.set_defaults(func=cmd_capture_import)
+
+    user = commands.add_parser("user", help="local users of the admin UI and REST API")
+    user_commands = user.add_subparsers(dest="user_command", required=True)
+    user_add = user_commands.add_parser("add", help="add a user (argon2 hash; roles admin, analyst, viewer, capture)")
+    user_add.add_argument("username")
+    user_add.add_argument("--role", default="admin")
+    user_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    user_add.set_defaults(func=cmd_user_add)
 
     args = parser.parse_args(argv)
     return args.func(args)

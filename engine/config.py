@@ -103,7 +103,15 @@ class DicomSource(Strict):
     coercion_status: Literal["success", "warning"] = "success"
 
 
-Source = Annotated[MllpSource | InternalSource | FhirSource | DicomSource, Field(discriminator="type")]
+class RestSource(Strict):
+    """JSON over the engine's HTTP listener at `/api/{resource}`: reports from the reporting system."""
+
+    type: Literal["rest"]
+    resource: Literal["reports"] = "reports"
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # a PDF rides along as Base64
+
+
+Source = Annotated[MllpSource | InternalSource | FhirSource | DicomSource | RestSource, Field(discriminator="type")]
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -138,7 +146,9 @@ class ActorStep(Strict):
     """Hand the message to an IHE actor that owns domain state (one transaction with the journal)."""
 
     type: Literal["actor"]
-    actor: Literal["order_filler"]
+    actor: Literal["order_filler", "report_manager"]
+    # run this actor only for these message types (`ORU^R01`, `ADT^*`); empty: every message the filters let in
+    message_types: list[str] = []
     # logical field -> HL7 location overrides for this sender, e.g. accession: OBR-3.1
     fields: dict[str, str] = {}
     # send what the actor emits to another channel's destinations (e.g. status to the HIS)
@@ -160,6 +170,14 @@ Step = Annotated[FilterStep | SetFieldsStep | ActorStep, Field(discriminator="ty
 # --- destinations --------------------------------------------------------------------------------
 
 
+class ReportProfile(Strict):
+    """How an MLLP receiver wants results (ORU^R01, HL7 v2.3.1 7.2 / v2.5.1 7.3.1): version, text type, PDF."""
+
+    hl7_version: Literal["2.3.1", "2.4", "2.5.1"] = "2.3.1"
+    text_type: Literal["TX", "FT"] = "TX"  # TX: one OBX per line; FT: one OBX per observation, lines as \.br\
+    pdf: bool = False  # the report's PDF, when it has one, as an OBX ED (Base64)
+
+
 class MllpDestination(Strict):
     """Send HL7 v2 over MLLP, wait for the ACK on a kept connection."""
 
@@ -176,6 +194,7 @@ class MllpDestination(Strict):
     # v2.3.1/2.4 receivers, OMG^O19 for v2.5/2.5.1. Version empty: 2.3.1 for ORM, 2.5.1 for OMG.
     status_message: Literal["ORM^O01", "OMG^O19"] = "ORM^O01"
     hl7_version: Literal["2.3.1", "2.4", "2.5", "2.5.1"] | None = None
+    report: ReportProfile = ReportProfile()  # reports (ORU^R01) from the Report Manager
 
     @model_validator(mode="after")
     def _status_form(self) -> "MllpDestination":
@@ -235,7 +254,21 @@ class Route(Strict):
         return resolved
 
 
-Destination = Annotated[MllpDestination | DicomDestination, Field(discriminator="type")]
+class FhirDestination(Strict):
+    """POST transaction Bundles to a FHIR R4 server's base URL (FHIR R4 3.1.0.11 batch/transaction)."""
+
+    type: Literal["fhir"]
+    name: str = Field(pattern=NAME_PATTERN)
+    url: str = Field(pattern=r"^https?://\S+$")  # the server's base, e.g. http://emr/fhir
+    headers: dict[str, str] = {}  # e.g. Authorization for servers that want a token
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+    response_timeout_seconds: float = Field(60.0, gt=0)
+    # a 4xx other than 408/429: the server refused this Bundle, so sending it again rarely helps
+    on_client_error: Literal["dead", "retry"] = "dead"
+    retry: RetryPolicy = RetryPolicy()
+
+
+Destination = Annotated[MllpDestination | DicomDestination | FhirDestination, Field(discriminator="type")]
 
 
 class Channel(Strict):
@@ -266,9 +299,12 @@ class Channel(Strict):
                     raise ValueError(f"route to unknown destination: {', '.join(unknown)}")
         elif self.routes:
             raise ValueError("routes apply to a dicom source only")
+        elif any(isinstance(d, FhirDestination) for d in self.destinations) and \
+                not isinstance(self.source, InternalSource):
+            raise ValueError("fhir destinations take what actors emit: they need an internal source")
         elif any(isinstance(d, DicomDestination) for d in self.destinations):
             raise ValueError("dicom destinations take images from a dicom source only")
-        if isinstance(self.source, FhirSource):
+        if isinstance(self.source, (FhirSource, RestSource)):
             # a resource is mapped to the model at its edge: only actors take it, HL7 field edits cannot apply
             if any(isinstance(s, SetFieldsStep) for s in self.steps) or not any(isinstance(s, ActorStep) for s in self.steps):
                 raise ValueError("a fhir channel takes filter and actor steps, and needs an actor step")
@@ -354,11 +390,93 @@ class MppsSettings(Strict):
     sending_facility: str = Field("RAD", max_length=180)  # MSH-4
 
 
+class ReportSettings(Strict):
+    """The Report Manager: where results go (ORU^R01 to the HIS, FHIR to the EMR) and how FHIR names things."""
+
+    # channels whose destinations get each report version; null sends none. Left at their defaults, a config
+    # without those channels keeps reports and sends nothing.
+    hl7_channel: str | None = Field("his_outbound", pattern=NAME_PATTERN)
+    fhir_channel: str | None = Field("emr_fhir", pattern=NAME_PATTERN)
+    sending_application: str = Field("SWF", max_length=180)  # MSH-3
+    sending_facility: str = Field("RAD", max_length=180)  # MSH-4
+    # identifier issuer (PID-3.4, EI namespace) -> FHIR system URI; unlisted issuers: urn:swf-engine:issuer:NAME
+    systems: dict[str, str] = {}
+    accession_system: str = "urn:swf-engine:accession"
+    report_system: str = "urn:swf-engine:report"
+    # IANA zone of HL7 times sent without an offset; empty: the engine's local zone
+    timezone: str = ""
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        return FhirSource._known_zone(value)
+
+
+class CaptureDevice(Strict):
+    """Where a capture station's frames come from: any input FFmpeg opens (PyAV)."""
+
+    # v4l2: a capture card (/dev/video0); file: a video file; stream: rtsp://... or an HTTP MJPEG URL
+    type: Literal["v4l2", "file", "stream"]
+    path: str = Field(min_length=1)
+    format: str | None = None  # FFmpeg demuxer when it cannot guess: mpjpeg (HTTP MJPEG), mjpeg, h264
+    options: dict[str, str] = {}  # FFmpeg input options: video_size 1920x1080, framerate 30, input_format mjpeg
+    loop: bool = False  # file: start again at the end (demonstration and test stations)
+    realtime: bool = True  # file: deliver at the file's frame rate, as a device would
+    reopen_seconds: float = Field(5.0, gt=0)  # after the device failed or the stream ended
+
+
+class CaptureFolder(Strict):
+    """A folder a legacy device exports stills and clips into; each file becomes an image of the open session."""
+
+    path: str = Field(min_length=1)
+    poll_seconds: float = Field(1.0, gt=0)
+    settle_seconds: float = Field(1.0, ge=0)  # unchanged this long = the device finished writing it
+    after: Literal["move", "delete"] = "move"  # move: into done/ (or failed/ with the reason beside it)
+
+
+class CaptureStation(Strict):
+    """One capture station: a device, a worklist filter, the DICOM it makes (IHE RAD-8 as an Acquisition Modality)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    ae_title: str = Field(pattern=AE_TITLE)  # worklist filter and the calling AE title of its images
+    modality: str = Field("OT", pattern=r"^[A-Z]{2,4}$")  # ES, US, GM, XC ...: worklist filter
+    # auto: from the modality (ES endoscopy, US ultrasound, GM/SM microscopy, else secondary capture)
+    iod: Literal["auto", "endoscopy", "ultrasound", "microscopy", "secondary"] = "auto"
+    device: CaptureDevice | None = None
+    folder: CaptureFolder | None = None
+    still_encoding: Literal["jpeg", "uncompressed"] = "jpeg"
+    jpeg_quality: int = Field(92, ge=50, le=100)
+    clip_preset: str = "veryfast"  # x264 preset: speed against size
+    clip_max_seconds: float = Field(600.0, gt=0)
+    # review: captured items wait for the operator's send; immediately: each is sent when captured
+    send: Literal["review", "immediately"] = "review"
+    burned_in_annotation: Literal["YES", "NO"] = "YES"  # video outputs usually overlay the patient's name
+    anatomic_region: tuple[str, str, str] = ("38266002", "SCT", "Entire body")  # VL images (code, scheme, meaning)
+    station_name: str = Field("", max_length=16)
+    manufacturer: str = Field("", max_length=64)
+    model_name: str = Field("", max_length=64)
+    serial_number: str = Field("", max_length=64)
+    institution: str = Field("", max_length=64)
+    mpps: bool = False  # N-CREATE when a session opens, N-SET when it closes, to the engine's own MPPS SCP
+    preview_fps: float = Field(10.0, gt=0, le=60)
+
+
+class CaptureSettings(Strict):
+    """Capture stations (non-DICOM video and file exports) and where their images go."""
+
+    channel: str = Field("image_router", pattern=NAME_PATTERN)  # a dicom channel: its routes and destinations
+    character_profile: Literal["ascii", "unicode", "gb18030"] = "unicode"
+    # a manual (no worklist) capture waits for its order: looked for this often, by accession or patient id
+    reconcile_seconds: float = Field(2.0, gt=0)
+    stations: list[CaptureStation] = []
+
+
 class EngineSettings(Strict):
     uid_root: str = Field("2.25", pattern=r"^[0-2](\.(0|[1-9][0-9]*))+$", max_length=40)
     dispatch_batch: int = Field(200, ge=1)
-    # How long the journal writer waits for more messages to share a commit (group commit), in ms.
-    commit_delay_ms: float = Field(0.0, ge=0, le=50)
+    # How long the journal writer waits for more messages to share a commit (group commit), in ms: under
+    # load, fewer and larger commits leave more of the GIL to the connections; idle, each ACK waits this long.
+    commit_delay_ms: float = Field(1.0, ge=0, le=50)
 
 
 class Config(Strict):
@@ -369,6 +487,8 @@ class Config(Strict):
     http: HttpSettings | None = None
     worklist: WorklistSettings = WorklistSettings()
     mpps: MppsSettings = MppsSettings()
+    reports: ReportSettings = ReportSettings()
+    capture: CaptureSettings | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -398,9 +518,41 @@ class Config(Strict):
         status_channel = self.mpps.status_channel
         if "status_channel" in self.mpps.model_fields_set and status_channel and status_channel not in names:
             problems.append(f"mpps.status_channel names no channel: {status_channel!r}")
+        problems += self._report_checks(names)
+        problems += self._capture_checks()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _capture_checks(self) -> list[str]:
+        if self.capture is None:
+            return []
+        problems = []
+        target = next((c for c in self.channels if c.name == self.capture.channel), None)
+        if target is None or not isinstance(target.source, DicomSource):
+            problems.append(f"capture.channel must name a channel with a dicom source: {self.capture.channel!r}")
+        stations = [s.name for s in self.capture.stations]
+        for name in sorted({n for n in stations if stations.count(n) > 1}):
+            problems.append(f"capture station name {name!r} is used more than once")
+        return problems
+
+    def _report_checks(self, names: list[str]) -> list[str]:
+        problems = []
+        for channel in self.channels:
+            if isinstance(channel.source, RestSource) and self.http is None:
+                problems.append(f"channel {channel.name!r} takes JSON over HTTP: the config needs an http: section")
+        for key, kind in (("hl7_channel", MllpDestination), ("fhir_channel", FhirDestination)):
+            name = getattr(self.reports, key)
+            if not name:
+                continue
+            if name not in names:
+                if key in self.reports.model_fields_set:
+                    problems.append(f"reports.{key} names no channel: {name!r}")
+                continue
+            wrong = [d.name for d in self.channel(name).destinations if not isinstance(d, kind)]
+            if wrong:
+                problems.append(f"reports.{key} {name!r} has destinations of another type: {', '.join(wrong)}")
+        return problems
 
     def channel(self, name: str) -> Channel:
         for channel in self.channels:
@@ -474,7 +626,7 @@ def _line_for(loc: tuple, data: Any, lines: dict[tuple, int]) -> int:
 
 
 def _describe(error: dict) -> str:
-    loc = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p in {"mllp", "internal", "fhir", "dicom", "filter", "set_fields", "actor"}))
+    loc = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p in {"mllp", "internal", "fhir", "dicom", "rest", "filter", "set_fields", "actor"}))
     if error["type"] == "extra_forbidden":
         return f"unknown key {loc.rsplit('.', 1)[-1]!r} (at {loc})"
     if error["type"] == "missing":

@@ -19,6 +19,8 @@ from fastapi import APIRouter, FastAPI
 
 from engine import __version__
 from engine.channels.fhir_intake import fhir_router
+from engine.channels.report_api import report_router
+from engine.non_dicom_capture.http import capture_router
 
 if TYPE_CHECKING:
     from engine.channels.runtime import Engine
@@ -26,13 +28,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RouterFactory = Callable[["Engine"], APIRouter]
-ROUTERS: tuple[RouterFactory, ...] = (fhir_router,)
+ROUTERS: tuple[RouterFactory, ...] = (fhir_router, report_router, capture_router)
 STOP_GRACE_SECONDS = 5.0
 
 
 def create_app(engine: "Engine", routers: Sequence[RouterFactory] = ROUTERS) -> FastAPI:
     """The FastAPI app of one engine: each router factory receives the engine."""
-    app = FastAPI(title="swf-engine", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    # OpenAPI for the REST API; no docs pages: FastAPI's load their scripts from a CDN, and sites run offline
+    app = FastAPI(title="swf-engine", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/api/openapi.json")
     app.state.engine = engine
     for build in routers:
         app.include_router(build(engine))

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from engine.channels.pipeline import Inbound, Outcome, ParsedBody
 from engine.config import Channel, FhirSource
-from engine.errors import EngineError, TooLarge, UnsupportedMediaType
+from engine.errors import EngineError, TooLarge, Unavailable, UnsupportedMediaType
 from engine.mappings.fhir_orders import (http_answer, operation_outcome, order_message, parse_service_request,
                                          stored_resource)
 from engine.store.tables import ImagingOrder, Message
@@ -87,6 +87,8 @@ def _create_endpoint(engine: "Engine", channel: Channel):
     async def create(request: Request) -> Response:
         received_at = engine.clock.utcnow()
         peer = f"{request.client.host}:{request.client.port}" if request.client else ""
+        if not engine.accepting(channel.name):  # paused or stopped from the admin UI: the sender retries
+            return _error(Unavailable(f"channel {channel.name} is {engine.channel_state.get(channel.name)}"))
         try:
             body = await _body(request, source.max_body_bytes)
         except TooLarge as exc:  # never read whole, so never journaled: as an oversized MLLP block

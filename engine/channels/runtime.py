@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 
 from engine.actors.base import Actor
 from engine.channels.dispatcher import DestinationDispatcher, sender_for
@@ -21,7 +21,19 @@ from engine.mappings.ack import FALLBACK_HEADER, build_ack, decide
 from engine.mappings.hl7_message import DecodedMessage, sniff_header
 from engine.store.db import Store
 
+if TYPE_CHECKING:
+    from engine.channels.reload import ReloadReport
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _ChannelRun:
+    """What one started channel runs: its listener (MLLP sources) and one dispatcher per destination."""
+
+    server: MllpServer | None = None
+    dispatchers: list[DestinationDispatcher] = field(default_factory=list)
+    tasks: list[asyncio.Task] = field(default_factory=list)
 
 # A service is anything else `serve` runs beside the channels (DICOM SCP, HTTP): started with the
 # engine, it returns an awaitable that stops it.
@@ -40,6 +52,9 @@ class Engine:
     actors: Mapping[str, Actor] = field(default_factory=dict)
     actor_settings: Mapping[str, object] = field(default_factory=dict)
     services: list[Service] = field(default_factory=list)
+    config_path: Path | None = None  # where `config` came from: the admin UI shows and reloads it
+    # capability objects services create and HTTP routers use (e.g. "capture": the capture stations)
+    extensions: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.pipelines = Pipelines(self.config.channels, self.actors, clock=self.clock, ids=self.ids,
@@ -51,6 +66,9 @@ class Engine:
         self._tasks: list[asyncio.Task] = []
         self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
+        # started | paused | stopped per channel name; see start_channel for what each means
+        self.channel_state: dict[str, str] = {}
+        self._runs: dict[str, _ChannelRun] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -58,22 +76,10 @@ class Engine:
         self.loop = asyncio.get_running_loop()
         self.writer.start()
         for channel in self.config.channels:
-            if not channel.enabled:
-                continue
-            for destination in channel.destinations:
-                dispatcher = DestinationDispatcher(self.store, self.writer, self.clock, channel.name, destination,
-                                                   batch=self.config.engine.dispatch_batch,
-                                                   sender=sender_for(destination,
-                                                                     calling_ae_title=self.config.dicom.ae_title))
-                self.dispatchers.append(dispatcher)
-                self._tasks.append(asyncio.create_task(dispatcher.run(), name=f"dispatch:{channel.name}:{destination.name}"))
-            if isinstance(channel.source, MllpSource):
-                server = MllpServer(channel.source.host, channel.source.port, partial(self.on_frame, channel),
-                                    max_bytes=channel.source.max_message_bytes,
-                                    idle_timeout=channel.source.idle_timeout_seconds,
-                                    max_connections=channel.source.max_connections, name=channel.name)
-                await server.start()
-                self._servers.append(server)
+            if channel.enabled:
+                await self.start_channel(channel.name)
+            else:
+                self.channel_state[channel.name] = "stopped"
         if self.store.is_sqlite:
             self._tasks.append(asyncio.create_task(self._checkpoints(), name="sqlite-checkpoint"))
         for service in self.services:
@@ -96,6 +102,86 @@ class Engine:
                 await asyncio.to_thread(self.store.checkpoint)
             except Exception:  # a busy database: the next round catches up
                 log.warning("sqlite checkpoint failed", exc_info=True)
+
+    # --- channel control (admin UI) ------------------------------------------------------------
+    # As in Mirth Connect: paused closes the source only (an MLLP listener stops accepting, so senders queue on
+    # their side; FHIR answers 503) while the destinations drain their queues; stopped also ends the
+    # dispatchers, so deliveries stay queued in the journal until the channel starts again. Nothing is lost
+    # either way. A channel's state is not persisted: `serve` starts every enabled channel.
+
+    async def start_channel(self, name: str) -> None:
+        channel = self.config.channel(name)
+        run = self._runs.setdefault(name, _ChannelRun())
+        if not run.dispatchers:
+            for destination in channel.destinations:
+                dispatcher = DestinationDispatcher(self.store, self.writer, self.clock, channel.name, destination,
+                                                   batch=self.config.engine.dispatch_batch,
+                                                   sender=sender_for(destination,
+                                                                     calling_ae_title=self.config.dicom.ae_title))
+                task = asyncio.create_task(dispatcher.run(), name=f"dispatch:{channel.name}:{destination.name}")
+                run.dispatchers.append(dispatcher)
+                run.tasks.append(task)
+                self.dispatchers.append(dispatcher)
+                self._tasks.append(task)
+        if run.server is None and isinstance(channel.source, MllpSource):
+            server = MllpServer(channel.source.host, channel.source.port, partial(self.on_frame, channel),
+                                max_bytes=channel.source.max_message_bytes,
+                                idle_timeout=channel.source.idle_timeout_seconds,
+                                max_connections=channel.source.max_connections, name=channel.name)
+            await server.start()
+            run.server = server
+            self._servers.append(server)
+        self.channel_state[name] = "started"
+
+    async def pause_channel(self, name: str) -> None:
+        self.config.channel(name)  # KeyError for an unknown name
+        run = self._runs.setdefault(name, _ChannelRun())
+        await self._close_source(run)
+        if self.channel_state.get(name) != "stopped":
+            self.channel_state[name] = "paused"
+
+    async def stop_channel(self, name: str) -> None:
+        self.config.channel(name)
+        run = self._runs.setdefault(name, _ChannelRun())
+        await self._close_source(run)
+        for dispatcher in run.dispatchers:
+            self.dispatchers.remove(dispatcher)
+        for task in run.tasks:
+            task.cancel()
+        await asyncio.gather(*run.tasks, return_exceptions=True)
+        self._tasks = [task for task in self._tasks if task not in run.tasks]
+        run.dispatchers, run.tasks = [], []
+        self.channel_state[name] = "stopped"
+
+    async def _close_source(self, run: "_ChannelRun") -> None:
+        if run.server is not None:
+            self._servers.remove(run.server)
+            await run.server.close()
+            run.server = None
+
+    def accepting(self, name: str) -> bool:
+        """Whether a channel's source takes messages now (edges without a listener of their own ask this)."""
+        return self.channel_state.get(name, "started") == "started"
+
+    async def apply_config(self, new: Config) -> "ReloadReport":
+        """Apply a validated config without a restart where that is safe; the report says what waits for one."""
+        from engine.channels.reload import plan_reload
+
+        plan = plan_reload(self.config, new)
+        for name in plan.stop:
+            if name in self._runs or name in self.channel_state:
+                await self.stop_channel(name)
+            self._runs.pop(name, None)
+            self.channel_state.pop(name, None)
+        self.config = plan.applied
+        self.pipelines.channels = {c.name: c for c in plan.applied.channels}
+        for name in plan.start:
+            channel = plan.applied.channel(name)
+            if channel.enabled:
+                await self.start_channel(name)
+            else:
+                self.channel_state[name] = "stopped"
+        return plan.report
 
     def wake_dispatchers(self) -> None:
         for dispatcher in self.dispatchers:

@@ -37,7 +37,14 @@ class Message(Base):
     """One inbound message or event, committed before it is acknowledged."""
 
     __tablename__ = "message"
-    __table_args__ = (Index("ix_message_channel_received", "channel", "received_at"),)
+    # The message browser filters on these and pages newest first (id order); SQLite keeps the rowid in every
+    # index, so an equality filter on one of them walks its index in id order without a sort.
+    # The message browser filters on these and pages newest first by received_at: each filter's index ends with
+    # it, so the newest matches come off the index without a sort. channel+status covers the dashboard counts.
+    __table_args__ = (Index("ix_message_channel_received", "channel", "received_at"),
+                      Index("ix_message_status_received", "status", "received_at"),
+                      Index("ix_message_type_received", "message_type", "received_at"),
+                      Index("ix_message_channel_status", "channel", "status"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     channel: Mapped[str] = mapped_column(String(64))
@@ -52,7 +59,7 @@ class Message(Base):
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     text: Mapped[str] = mapped_column(Text, default="")
     # processed | filtered | error
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16))
     # sender + control id, set only once a message was accepted: a resend after AE is processed again,
     # a resend after AA is answered again without being processed twice.
     accepted_key: Mapped[str | None] = mapped_column(String(260), nullable=True, unique=True)
@@ -227,3 +234,134 @@ class PerformedStepLink(Base):
 
     performed_ref: Mapped[int] = mapped_column(ForeignKey("performed_procedure_step.id"), primary_key=True)
     step_ref: Mapped[int] = mapped_column(ForeignKey("scheduled_step.id"), primary_key=True, index=True)
+
+
+# --- admin UI: users, sessions, audit ------------------------------------------------------------
+
+
+class AppUser(Base):
+    """A local user of the admin UI and REST API; the password only as an argon2 hash."""
+
+    __tablename__ = "app_user"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))  # admin | analyst | viewer | capture
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AppSession(Base):
+    """A login: the cookie carries a random token, the table only its SHA-256 (a leaked table logs nobody in)."""
+
+    __tablename__ = "app_session"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_ref: Mapped[int] = mapped_column(ForeignKey("app_user.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    peer: Mapped[str] = mapped_column(String(80), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class AuditEvent(Base):
+    """Who saw or changed what, when, from where (IHE ATNA's questions): every patient-data view, every resend."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16), default="")
+    action: Mapped[str] = mapped_column(String(48), index=True)  # e.g. message.view, message.resend, login
+    object_type: Mapped[str] = mapped_column(String(32), default="")
+    object_id: Mapped[str] = mapped_column(String(128), default="")
+    patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
+    peer: Mapped[str] = mapped_column(String(80), default="")
+    outcome: Mapped[str] = mapped_column(String(16), default="success")  # success | denied | failure
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+# --- reports (Report Manager) --------------------------------------------------------------------
+
+
+class Report(Base):
+    """A diagnostic report of one order, across its versions; held unmatched (order_ref NULL) until linked."""
+
+    __tablename__ = "report"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # stable across versions: the FHIR DiagnosticReport identifier, so a correction updates the same resource
+    uid: Mapped[str] = mapped_column(String(64), unique=True)
+    order_ref: Mapped[int | None] = mapped_column(ForeignKey("imaging_order.id"), nullable=True, unique=True)
+    # the keys as the sender gave them: what an unmatched report is found and re-linked by
+    accession: Mapped[str] = mapped_column(String(64), default="", index=True)
+    placer_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    placer_issuer: Mapped[str] = mapped_column(String(64), default="")
+    filler_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    filler_issuer: Mapped[str] = mapped_column(String(64), default="")
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    # preliminary | final | corrected | amended | cancelled: the newest version's
+    status: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer, default=0)  # newest version number
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    order: Mapped["ImagingOrder | None"] = relationship()
+    versions: Mapped[list["ReportVersion"]] = relationship(back_populates="report", order_by="ReportVersion.version")
+
+
+class ReportVersion(Base):
+    """One version of a report as signed: every version is kept, none is changed."""
+
+    __tablename__ = "report_version"
+    __table_args__ = (UniqueConstraint("report_ref", "version", name="uq_report_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_ref: Mapped[int] = mapped_column(ForeignKey("report.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    findings: Mapped[str] = mapped_column(Text, default="")
+    impression: Mapped[str] = mapped_column(Text, default="")
+    signer_id: Mapped[str] = mapped_column(String(64), default="")
+    signer_name: Mapped[str] = mapped_column(String(128), default="")  # family^given as sent
+    signer_role: Mapped[str] = mapped_column(String(32), default="")  # resident | attending | ...
+    signed_at: Mapped[str] = mapped_column(String(26), default="")  # HL7 TS, with its offset when sent
+    observed_at: Mapped[str] = mapped_column(String(26), default="")
+    procedure_code: Mapped[str] = mapped_column(String(64), default="")
+    procedure_meaning: Mapped[str] = mapped_column(String(128), default="")
+    procedure_scheme: Mapped[str] = mapped_column(String(64), default="")
+    pdf: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    source: Mapped[str] = mapped_column(String(8), default="hl7")  # hl7 | rest | sr
+    message_id: Mapped[int] = mapped_column(ForeignKey("message.id"), index=True)  # the journal message it came in
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    report: Mapped[Report] = relationship(back_populates="versions")
+
+
+class CaptureItem(Base):
+    """A still or clip a capture station wrapped into DICOM: in review, held for its order, or handed to routing."""
+
+    __tablename__ = "capture_item"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    station: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)  # one per capture session
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))  # still | clip
+    # review (waits for send) | held (manual entry, waits for its order) | sent (journaled for routing) | deleted
+    state: Mapped[str] = mapped_column(String(8), index=True)
+    path: Mapped[str] = mapped_column(Text)  # the Part 10 file under $SWF_DATA_DIR/capture
+    frames: Mapped[int] = mapped_column(Integer, default=1)
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    manual: Mapped[bool] = mapped_column(Boolean, default=False)
+    patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
+    accession: Mapped[str] = mapped_column(String(16), default="", index=True)
+    source: Mapped[str] = mapped_column(String(16), default="device")  # device | folder | import
+    error: Mapped[str] = mapped_column(Text, default="")
+    message_id: Mapped[int | None] = mapped_column(ForeignKey("message.id"), nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
