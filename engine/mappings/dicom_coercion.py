@@ -41,7 +41,7 @@ from engine.mappings.dicom_worklist import (
     PatientRow,
     StepRow,
     code_item,
-    patient_name,
+    patient_values,
 )
 
 SPECIFIC_CHARACTER_SET = 0x00080005
@@ -214,14 +214,7 @@ def coercion_values(patient: PatientRow, order: OrderRow, step: StepRow | None,
                     profile: CharacterProfile) -> Item:
     """The values the order dictates, by tag; an empty stored value is left out (it would erase the image's)."""
     text = profile.text
-    values: Item = {
-        0x00100010: patient_name(patient, profile),  # PatientName
-        0x00100020: patient.patient_id,  # PatientID
-        0x00100021: text(patient.issuer),  # IssuerOfPatientID
-        0x00100030: patient.birth_date,  # PatientBirthDate
-        0x00100040: patient.sex,  # PatientSex
-        ACCESSION_NUMBER: order.accession,
-    }
+    values: Item = {**patient_values(patient, profile), ACCESSION_NUMBER: order.accession}
     values = {tag: value for tag, value in values.items() if value}
     request: Item = {
         ACCESSION_NUMBER: order.accession,

@@ -221,6 +221,17 @@ def code_item(code: str, scheme: str, meaning: str, profile: CharacterProfile) -
             CODING_SCHEME_DESIGNATOR: clip(scheme, SH), CODE_MEANING: profile.text(meaning)}
 
 
+def patient_values(patient: PatientRow, profile: CharacterProfile) -> Item:
+    """Patient Identification and Demographic (PS3.3 C.2.2, C.2.3): what the worklist shows and images get."""
+    return {
+        0x00100010: patient_name(patient, profile),  # PatientName
+        0x00100020: patient.patient_id,  # PatientID
+        0x00100021: profile.text(patient.issuer),  # IssuerOfPatientID
+        0x00100030: patient.birth_date,  # PatientBirthDate
+        0x00100040: patient.sex,  # PatientSex
+    }
+
+
 def worklist_values(patient: PatientRow, order: OrderRow, step: StepRow, profile: CharacterProfile) -> Item:
     """Every attribute of Table K.6-1 the store knows for one Scheduled Procedure Step, by tag (PS3.4 K.6.1.2.2).
 
@@ -231,12 +242,7 @@ def worklist_values(patient: PatientRow, order: OrderRow, step: StepRow, profile
     codes = [code_item(order.procedure_code, order.procedure_scheme, order.procedure_meaning, profile)] \
         if order.procedure_code else []
     values: Item = {
-        # Patient Identification and Demographic (PS3.3 C.2.2, C.2.3)
-        0x00100010: patient_name(patient, profile),  # PatientName
-        0x00100020: patient.patient_id,  # PatientID
-        0x00100021: text(patient.issuer),  # IssuerOfPatientID
-        0x00100030: patient.birth_date,  # PatientBirthDate
-        0x00100040: patient.sex,  # PatientSex
+        **patient_values(patient, profile),
         # Visit Status (PS3.3 C.3.4)
         0x00380300: text(order.patient_location),  # CurrentPatientLocation
         # Imaging Service Request (PS3.3 C.4.11)
