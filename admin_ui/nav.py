@@ -17,6 +17,7 @@ NAV: list[NavItem] = [
     NavItem("Messages", "/ui/messages", "patient"),
     NavItem("Dead letters", "/ui/dead-letters", "patient"),
     NavItem("Worklist", "/ui/worklist", "worklist"),
+    NavItem("Capture", "/capture", "capture"),
     NavItem("Configuration", "/ui/config", "view"),
     NavItem("Users", "/ui/users", "users"),
     NavItem("Audit", "/ui/audit", "audit"),

@@ -47,7 +47,7 @@ def render(request: Request, who: Principal | None, name: str, **context) -> HTM
 
 def _safe_next(target: str) -> str:
     """Only a path of this site after login: never an open redirect."""
-    return target if target.startswith("/ui") and not target.startswith("//") else "/ui/"
+    return target if target.startswith(("/ui", "/capture")) and not target.startswith("//") else "/ui/"
 
 
 def _datetime_param(value: str | None) -> datetime | None:

@@ -3,7 +3,8 @@ uvicorn inside the engine's asyncio loop.
 
 Every HTTP capability is a router factory `(engine) -> APIRouter` in ROUTERS: the FHIR intake now, the admin UI
 and REST API later (they add their factory to the tuple, or `create_app(engine, routers=...)` in tests). The app
-keeps the Engine on `app.state.engine`; nothing is global.
+keeps the Engine on `app.state.engine`; nothing is global. Routes people use are closed unless `people` (see
+engine.http_access) gives their guards: `serve` passes the admin UI's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi import APIRouter, FastAPI
 from engine import __version__
 from engine.channels.fhir_intake import fhir_router
 from engine.channels.report_api import report_router
+from engine.http_access import CLOSED, PeopleAccess
 from engine.non_dicom_capture.http import capture_router
 
 if TYPE_CHECKING:
@@ -32,12 +34,14 @@ ROUTERS: tuple[RouterFactory, ...] = (fhir_router, report_router, capture_router
 STOP_GRACE_SECONDS = 5.0
 
 
-def create_app(engine: "Engine", routers: Sequence[RouterFactory] = ROUTERS) -> FastAPI:
-    """The FastAPI app of one engine: each router factory receives the engine."""
+def create_app(engine: "Engine", routers: Sequence[RouterFactory] = ROUTERS, people: PeopleAccess = CLOSED
+               ) -> FastAPI:
+    """The FastAPI app of one engine: each router factory receives the engine; `people` guards the people routes."""
     # OpenAPI for the REST API; no docs pages: FastAPI's load their scripts from a CDN, and sites run offline
     app = FastAPI(title="swf-engine", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
     app.state.engine = engine
+    app.state.people = people
     for build in routers:
         app.include_router(build(engine))
     return app
@@ -59,8 +63,8 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_http_server(engine: "Engine", routers: Sequence[RouterFactory] = ROUTERS
-                            ) -> Callable[[], Awaitable[None]]:
+async def start_http_server(engine: "Engine", routers: Sequence[RouterFactory] = ROUTERS,
+                            people: PeopleAccess = CLOSED) -> Callable[[], Awaitable[None]]:
     """Serve the app on `http.host:http.port` (asyncio sets TCP_NODELAY on every accepted connection);
     a config without an `http:` section runs no listener."""
     settings = engine.config.http
@@ -70,7 +74,7 @@ async def start_http_server(engine: "Engine", routers: Sequence[RouterFactory] =
         return nothing
     sock = _listening_socket(settings.host, settings.port)
     # log_level warning: uvicorn's own start/stop lines speak of a "server process" the engine does not have
-    config = uvicorn.Config(create_app(engine, routers), log_config=None, log_level="warning", access_log=False,
+    config = uvicorn.Config(create_app(engine, routers, people), log_config=None, log_level="warning", access_log=False,
                             lifespan="off", server_header=False, timeout_graceful_shutdown=STOP_GRACE_SECONDS)
     server = _EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="http")

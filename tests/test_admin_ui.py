@@ -261,6 +261,21 @@ def test_acceptance_2_viewer_is_refused_changes_and_every_view_is_audited(served
 
 
 @pytest.mark.slow
+def test_the_engines_routes_for_people_take_the_admin_ui_login(served):
+    """Reports and the capture page are the engine's routes; `serve` guards them with these logins and roles."""
+    base = served["base"]
+    assert httpx.get(f"{base}/api/reports").status_code == 401
+    assert httpx.get(f"{base}/capture").status_code == 303
+    viewer, _ = api_login(base, "viewer")
+    admin, _ = api_login(base, "admin")
+    assert viewer.get("/api/reports").status_code == 200  # reading reports: `patient`, viewer and up
+    assert viewer.get("/capture").status_code == 403 and viewer.get("/capture/api/stations").status_code == 403
+    assert admin.get("/capture").status_code == 200 and admin.get("/capture/api/stations").json() == []
+    assert 'href="/capture"' in admin.get("/ui/").text and 'href="/capture"' not in viewer.get("/ui/").text
+    events = admin.get("/api/audit", params={"username": "viewer", "action": "report.search"}).json()
+    assert events and events[0]["object_type"] == "report" and events[0]["detail"].endswith("result(s)")
+
+
 def test_pause_closes_the_listener_and_start_reopens_it_reload_reports(served):
     base, hl7_port = served["base"], served["ports"]["SWF_HL7_PORT"]
     admin, csrf = api_login(base, "admin")

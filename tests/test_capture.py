@@ -25,7 +25,9 @@ from pydicom import dcmread
 from pydicom.encaps import generate_frames
 
 from orthanc_peer import Orthanc, instance_file, orthanc_binary
-from peers import HL7_DIR, REPO, free_port, mllp_exchange, msa, running_engine
+from peers import HL7_DIR, REPO, add_user, free_port, logged_in, mllp_exchange, msa, running_engine
+
+USERS = {"operator": ("capture", "operator-secret-1"), "viewer": ("viewer", "viewer-secret-1")}
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(orthanc_binary() is None, reason="Orthanc is not installed: run scripts/test"),
@@ -195,8 +197,12 @@ capture:
       device: {{type: v4l2, path: /dev/video97, reopen_seconds: 1}}
 """, encoding="utf-8")
 
+    def login(self, name: str) -> httpx.Client:
+        return logged_in(f"http://127.0.0.1:{self.http}", name, USERS[name][1])
+
     def api(self, method: str, path: str, **kwargs) -> httpx.Response:
-        return httpx.request(method, f"http://127.0.0.1:{self.http}/capture/api{path}", timeout=60, **kwargs)
+        """As the capture operator, logged in (the page and its API are for people with role capture)."""
+        return self.operator.request(method, f"/capture/api{path}", **kwargs)
 
     def ok(self, method: str, path: str, **kwargs):
         answer = self.api(method, path, **kwargs)
@@ -249,9 +255,11 @@ def site(tmp_path_factory):
     write_video(site.video, 6)
     site.write_config()
     site.orthanc.start()
+    for name, (role, password) in USERS.items():
+        add_user(site.data, name, role, password)
     try:
         with running_engine(site.config, site.data, [site.hl7, site.dicom, site.http], site.env) as engine:
-            site.engine = engine
+            site.engine, site.operator = engine, site.login("operator")
             yield site
     finally:
         site.orthanc.stop()
@@ -275,9 +283,9 @@ def test_stills_and_clip_from_file_and_mjpeg_stream_arrive_valid_in_orthanc(site
         site.wait_running(station)
         session = site.ok("POST", f"/stations/{station}/session", json={"accession": "ACAP0001"})["session"]
         assert session["patient_id"] == "700001" and not session["manual"]
-    preview = httpx.get(f"http://127.0.0.1:{site.http}/capture/api/stations/endo/snapshot.jpg", timeout=10)
+    preview = site.api("GET", "/stations/endo/snapshot.jpg")
     assert preview.status_code == 200 and preview.content[:2] == b"\xff\xd8"
-    assert "<title>Capture station" in httpx.get(f"http://127.0.0.1:{site.http}/capture", timeout=10).text
+    assert "<title>Capture station" in site.operator.get("/capture").text
     items = []
     for station in ("endo", "endo_stream"):
         site.ok("POST", f"/stations/{station}/clip/start")
@@ -443,3 +451,26 @@ def test_pacs_down_loses_nothing_and_a_broken_device_does_not_stop_the_station(s
     assert statuses == ["sent"] * 3
     site.ok("DELETE", "/stations/endo/session")
     site.ok("DELETE", "/stations/broken/session")
+
+
+def test_the_page_and_its_api_are_for_capture_operators_only(site):
+    """No session: the page sends the browser to the login page and back, the API answers 401; a viewer gets 403;
+    the operator's cookie without the CSRF token changes nothing; the operator's nav leads to the page."""
+    base = f"http://127.0.0.1:{site.http}"
+    page = httpx.get(f"{base}/capture")
+    assert page.status_code == 303 and page.headers["location"] == "/ui/login?next=/capture"
+    for method, path in (("GET", "/stations"), ("GET", "/stations/endo/worklist"), ("POST", "/stations/endo/still"),
+                         ("GET", "/stations/endo/snapshot.jpg"), ("DELETE", "/items/1")):
+        assert httpx.request(method, f"{base}/capture/api{path}").status_code == 401, path
+    login = httpx.post(f"{base}/ui/login", data={"username": "operator", "password": USERS["operator"][1],
+                                                 "next": "/capture"})
+    assert login.status_code == 303 and login.headers["location"] == "/capture"
+    viewer = site.login("viewer")
+    assert viewer.get("/capture").status_code == 403
+    assert viewer.get("/capture/api/stations").status_code == 403
+    viewer.close()
+    forged = httpx.post(f"{base}/capture/api/stations/endo/still", cookies=site.operator.cookies)
+    assert forged.status_code == 403 and "X-CSRF-Token" in forged.text
+    assert "X-CSRF-Token" in site.operator.get("/capture").text  # the page sends it on its POSTs
+    assert 'href="/capture"' in site.operator.get("/ui/worklist").text
+    assert {s["name"] for s in site.ok("GET", "/stations")} == {"endo", "endo_stream", "us", "broken"}

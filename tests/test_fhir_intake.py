@@ -473,3 +473,38 @@ def test_referenced_patient_then_revoke(served, tmp_path):
     while served.worklist(tmp_path / "q2", f"AccessionNumber={accession}"):
         assert time.monotonic() < deadline, "the revoked order is still on the worklist"
         time.sleep(0.2)
+
+
+HIS_TOKEN = "his-0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.slow
+def test_with_a_token_set_only_the_right_bearer_token_gets_in(tmp_path):
+    """SWF_FHIR_TOKEN set: no token, a wrong one, another scheme -> 401 OperationOutcome (login), nothing journaled;
+    the right one -> 201, and the read route asks for it too. The token never reaches the log."""
+    ports = _ports()
+    env = {**{name: str(port) for name, port in ports.items()}, "SWF_FHIR_TOKEN": HIS_TOKEN}
+    data_dir = tmp_path / "var"
+    auth = {"Authorization": f"Bearer {HIS_TOKEN}"}
+    with running_engine(REPO / "channels.yaml", data_dir, [ports["SWF_HTTP_PORT"]], env=env) as process:
+        engine = Served(data_dir, ports)
+        for headers in ({}, {"Authorization": "Bearer his-wrong-0123456789abcdef0123456"},
+                        {"Authorization": f"Basic {HIS_TOKEN}"}):
+            refused = engine.post(ORDER, headers={**FHIR_JSON, **headers})
+            assert refused.status_code == 401, refused.text
+            assert refused.headers["www-authenticate"] == 'Bearer realm="swf-engine"'
+            outcome = refused.json()
+            assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["code"] == "login"
+        assert engine.rows("select count(*) from message") == [(0,)]  # refused unread, never journaled
+        created = engine.post(ORDER, headers={**FHIR_JSON, **auth})
+        assert created.status_code == 201, created.text
+        location = created.headers["location"]
+        assert engine.http.get(location).status_code == 401
+        assert engine.http.get(location, headers=auth).json()["identifier"] == created.json()["identifier"]
+        engine.http.close()
+    log = process.log.read_text(encoding="utf-8", errors="replace")
+    assert "refused: no bearer token" in log and "refused: wrong bearer token" in log
+    assert HIS_TOKEN not in log and "his-wrong-0123" not in log
+    # the shipped reports intake has no token in this run: `serve` says so at start, and not for the FHIR one
+    assert "POST /api/reports takes requests without authentication" in log
+    assert "POST /fhir/ServiceRequest takes requests without" not in log

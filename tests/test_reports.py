@@ -1,9 +1,11 @@
 """Results back end to end (issue 6): `swf-engine serve` with the shipped channels.yaml, a real MLLP HIS, a real
-FHIR server (tests/fhir_peer.py) and real C-STORE; acceptance 1-4."""
+FHIR server (tests/fhir_peer.py) and real C-STORE; acceptance 1-4. The reporting system posts with its bearer token;
+people read reports as a viewer and re-link them as an analyst, logged in to the admin UI."""
 
 from __future__ import annotations
 
 import base64
+import sqlite3
 import time
 
 import httpx
@@ -13,12 +15,15 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from fhir_peer import FhirPeer
-from peers import HL7_DIR, REPO, HisListener, free_port, mllp_exchange, msa, running_engine
+from peers import HL7_DIR, REPO, HisListener, add_user, free_port, logged_in, mllp_exchange, msa, running_engine
 
 pytestmark = pytest.mark.slow
 
 REPORT_SYSTEM = "urn:swf-engine:report"
 ACCESSION_SYSTEM = "urn:swf-engine:accession"
+RIS_TOKEN = "ris-0123456789abcdef0123456789abcdef"
+USERS = {"viewer": ("viewer", "viewer-secret-1"), "analyst": ("analyst", "analyst-secret-1"),
+         "capture": ("capture", "capture-secret-1")}
 
 
 class Site:
@@ -29,8 +34,12 @@ class Site:
         self.data = tmp_path / "var"
         self.env = {"SWF_HL7_PORT": str(self.hl7), "SWF_DICOM_PORT": str(self.dicom), "SWF_HTTP_PORT": str(self.http),
                     "SWF_HIS_PORT": str(self.his.port), "SWF_PACS_PORT": str(free_port()),
-                    "SWF_FHIR_URL": self.fhir.url, "SWF_HIS_CHARSET": "gb18030"}
+                    "SWF_FHIR_URL": self.fhir.url, "SWF_HIS_CHARSET": "gb18030", "SWF_REPORTS_TOKEN": RIS_TOKEN}
         self.api = f"http://127.0.0.1:{self.http}/api/reports"
+        self.ris = httpx.Client(headers={"Authorization": f"Bearer {RIS_TOKEN}"}, timeout=30)
+
+    def login(self, name: str) -> httpx.Client:
+        return logged_in(f"http://127.0.0.1:{self.http}", name, USERS[name][1])
 
     def send(self, payload: bytes) -> list[str]:
         return msa(mllp_exchange(self.hl7, payload))
@@ -73,7 +82,10 @@ def _segment(message: list[list[str]], name: str) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     site = Site(tmp_path_factory.mktemp("reports"))
-    with running_engine(REPO / "channels.yaml", site.data, [site.hl7, site.dicom, site.http], site.env):
+    for name, (role, password) in USERS.items():
+        add_user(site.data, name, role, password)
+    with running_engine(REPO / "channels.yaml", site.data, [site.hl7, site.dicom, site.http], site.env) as engine:
+        site.engine, site.viewer, site.analyst = engine, site.login("viewer"), site.login("analyst")
         yield site
     site.his.stop()
     site.fhir.stop()
@@ -195,14 +207,14 @@ def test_preliminary_final_corrected_give_p_f_c_and_one_diagnostic_report_at_ver
     assert len(site.fhir.find("Patient", "urn:swf-engine:issuer:HOSP", "P201")) == 1
     assert len(site.fhir.find("ServiceRequest", ACCESSION_SYSTEM, "A201")) == 1
 
-    report = httpx.get(site.api, params={"accession": "A201"}).json()[0]
-    versions = httpx.get(f"{site.api}/{report['id']}").json()["versions"]
+    report = site.viewer.get(site.api, params={"accession": "A201"}).json()[0]
+    versions = site.viewer.get(f"{site.api}/{report['id']}").json()["versions"]
     assert [(v["version"], v["status"], v["signed_by"]["id"]) for v in versions] == [
         (1, "preliminary", "D3001"), (2, "final", "D2001"), (3, "corrected", "D2001")]
     # a final changes only by correction: a second, different final is refused and changes nothing
     answer = site.send(oru("ORU2019", "A201", placer, filler, "F", ["另一份"], "另一份"))
     assert answer[1] == "AE"
-    assert len(httpx.get(f"{site.api}/{report['id']}").json()["versions"]) == 3
+    assert len(site.viewer.get(f"{site.api}/{report['id']}").json()["versions"]) == 3
 
 
 def test_his_and_fhir_server_down_lose_nothing_and_deliver_in_order(site):
@@ -230,14 +242,14 @@ def test_his_and_fhir_server_down_lose_nothing_and_deliver_in_order(site):
 def test_unknown_order_is_held_visible_and_relinked_and_bad_json_names_the_field(site):
     """Acceptance 4."""
     assert site.send(oru("ORU4010", "A-NOSUCH", "HO-NOSUCH", "RF-NOSUCH", "F", ["所见"], "印象"))[1] == "AA"
-    held = httpx.get(site.api, params={"held": "true"}).json()
+    held = site.viewer.get(site.api, params={"held": "true"}).json()
     (report,) = [r for r in held if r["accession"] == "A-NOSUCH"]
     assert report["status"] == "final" and report["order_accession"] is None
     time.sleep(1)
     assert not site.orus("A-NOSUCH", 0, timeout=0)
 
     placer, filler = order(site, "401", "A401")
-    linked = httpx.post(f"{site.api}/{report['id']}/link", json={"accession": "A401"})
+    linked = site.analyst.post(f"{site.api}/{report['id']}/link", json={"accession": "A401"})
     assert linked.status_code == 200, linked.text
     assert linked.json()["held"] is False and linked.json()["order_accession"] == "A401"
     (message,) = site.orus("A401", 1)
@@ -245,18 +257,19 @@ def test_unknown_order_is_held_visible_and_relinked_and_bad_json_names_the_field
     assert (obr[2], obr[3], obr[25]) == (f"{placer}^HIS", f"{filler}^RIS", "F")
     (bundle,) = site.reports("A401", 1)
     assert _report_of(bundle)["status"] == "final"
-    assert httpx.post(f"{site.api}/{report['id']}/link", json={"accession": "A-NOSUCH"}).status_code == 404
+    assert site.analyst.post(f"{site.api}/{report['id']}/link", json={"accession": "A-NOSUCH"}).status_code == 404
 
-    bad = httpx.post(site.api, json={"accession": "A401", "status": "done", "findings": "x"})
+    bad = site.ris.post(site.api, json={"accession": "A401", "status": "done", "findings": "x"})
     assert bad.status_code == 422 and bad.json()["field"] == "status"
     assert bad.json()["detail"][0]["loc"] == ["body", "status"]
-    keyless = httpx.post(site.api, json={"status": "final", "findings": "x"})
+    keyless = site.ris.post(site.api, json={"status": "final", "findings": "x"})
     assert keyless.status_code == 422 and keyless.json()["field"] == "accession"
-    assert httpx.post(site.api, content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    not_json = site.ris.post(site.api, content=b"{not json", headers={"content-type": "application/json"})
+    assert not_json.status_code == 422
 
     # a valid JSON correction of the linked report: a new version, sent to both
     pdf = base64.b64encode(b"%PDF-1.4 test").decode()
-    good = httpx.post(site.api, json={"accession": "A401", "status": "corrected", "findings": "所见更正",
+    good = site.ris.post(site.api, json={"accession": "A401", "status": "corrected", "findings": "所见更正",
                                       "impression": "印象更正", "signed_by": {"id": "D2001", "name": "王^建国",
                                                                              "role": "attending"},
                                       "signed_at": "2026-11-23T09:00:00+08:00", "pdf_base64": pdf})
@@ -266,3 +279,36 @@ def test_unknown_order_is_held_visible_and_relinked_and_bad_json_names_the_field
     stored = _report_of(site.reports("A401", 2)[1])
     assert [f["contentType"] for f in stored["presentedForm"]] == ["text/plain; charset=utf-8", "application/pdf"]
     assert stored["issued"] == "2026-11-23T09:00:00+08:00"
+
+
+def test_intake_needs_the_ris_token_and_people_a_login_with_the_right_role(site):
+    """POST /api/reports: 401 without or with a wrong bearer token, 201 with it. Reading: 401 without a session, a
+    viewer reads (audited) but may not re-link (403, audited), a capture operator may not read; never the token
+    in the log."""
+    body = {"accession": "A-AUTH", "status": "final", "findings": "所见"}
+    for headers in ({}, {"Authorization": "Bearer ris-wrong-0123456789abcdef0123456"}, {"Authorization": RIS_TOKEN}):
+        refused = httpx.post(site.api, json=body, headers=headers)
+        assert refused.status_code == 401, refused.text
+        assert refused.headers["www-authenticate"].startswith("Bearer") and "bearer token" in refused.json()["error"]
+    created = site.ris.post(site.api, json=body)
+    assert created.status_code == 201, created.text
+    report_id = created.json()["report_id"]
+
+    for method, path in (("GET", ""), ("GET", f"/{report_id}"), ("POST", f"/{report_id}/link")):
+        assert httpx.request(method, f"{site.api}{path}", json={"accession": "A-AUTH"}).status_code == 401
+    read = site.viewer.get(f"{site.api}/{report_id}")
+    assert read.status_code == 200 and read.json()["held"] is True
+    assert site.viewer.post(f"{site.api}/{report_id}/link", json={"accession": "A-AUTH"}).status_code == 403
+    # the analyst's cookie without the CSRF token: what a page of another site could make a browser send
+    forged = httpx.post(f"{site.api}/{report_id}/link", json={"accession": "A-AUTH"}, cookies=site.analyst.cookies)
+    assert forged.status_code == 403 and "X-CSRF-Token" in forged.text
+    operator = site.login("capture")
+    assert operator.get(site.api).status_code == 403
+    operator.close()
+
+    with sqlite3.connect(site.data / "swf-engine.db") as db:
+        rows = db.execute("SELECT username, action, outcome FROM audit_event WHERE object_id = ? OR object_id LIKE ?",
+                          (str(report_id), f"POST /api/reports/{report_id}/link")).fetchall()
+    assert ("viewer", "report.view", "success") in rows and ("viewer", "denied.act", "denied") in rows
+    log = site.engine.log.read_text(encoding="utf-8", errors="replace")
+    assert "refused: wrong bearer token" in log and RIS_TOKEN not in log and "ris-wrong-0123" not in log

@@ -4,6 +4,7 @@ The edge reads the body, validates and maps it (engine.mappings.fhir_orders), an
 Inbound carrying the raw bytes and the mapped model; the answer leaves only after the commit, as an ACK does on
 MLLP. A request that fails validation is journaled too (status error) and answered with an OperationOutcome;
 it changes nothing else. `GET /fhir/ServiceRequest/{id}` returns what the Location of a create points at.
+Both answer 401 without the channel's bearer token when its source sets one (engine.http_access).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from sqlalchemy import select
 
 from engine.channels.pipeline import Inbound, Outcome, ParsedBody
 from engine.config import Channel, FhirSource
-from engine.errors import EngineError, TooLarge, Unavailable, UnsupportedMediaType
+from engine.errors import EngineError, TooLarge, Unauthenticated, Unavailable, UnsupportedMediaType
+from engine.http_access import CHALLENGE, check_bearer, warn_if_open
 from engine.mappings.fhir_orders import (http_answer, operation_outcome, order_message, parse_service_request,
                                          stored_resource)
 from engine.store.tables import ImagingOrder, Message
@@ -36,14 +38,17 @@ ORDER_STATUS = {"CA": "revoked", "DC": "revoked", "CM": "completed"}
 
 
 def fhir_router(engine: "Engine") -> APIRouter:
-    """One create route per enabled FHIR channel, and the read route its Location names."""
+    """One create route per enabled FHIR channel, and the read route its Location names, behind the same token."""
     router = APIRouter(prefix="/fhir")
     for channel in engine.config.channels:
         if channel.enabled and isinstance(channel.source, FhirSource):
+            token = channel.source.token.get_secret_value()
+            warn_if_open(token, channel.name, f"POST /fhir/{channel.source.resource}")
             router.add_api_route(f"/{channel.source.resource}", _create_endpoint(engine, channel), methods=["POST"],
                                  name=f"fhir-create-{channel.name}")
-    router.add_api_route("/ServiceRequest/{resource_id}", _read_endpoint(engine), methods=["GET"],
-                         name="fhir-read-ServiceRequest")
+            # without a channel there is no token to ask for: orders once received stay unreadable, not open
+            router.add_api_route(f"/{channel.source.resource}/{{resource_id}}", _read_endpoint(engine, channel),
+                                 methods=["GET"], name=f"fhir-read-{channel.source.resource}")
     return router
 
 
@@ -53,7 +58,7 @@ def _answer(status: int, body: dict, headers: dict[str, str] | None = None) -> R
 
 def _error(error: EngineError) -> Response:
     status, outcome = http_answer(error)
-    return _answer(status, outcome)
+    return _answer(status, outcome, CHALLENGE if isinstance(error, Unauthenticated) else None)
 
 
 def _media_type(request: Request) -> None:
@@ -83,10 +88,15 @@ def _create_endpoint(engine: "Engine", channel: Channel):
     assert isinstance(source, FhirSource)
     zone = ZoneInfo(source.timezone) if source.timezone else None
     worklist = engine.config.worklist
+    token = source.token.get_secret_value()
 
     async def create(request: Request) -> Response:
         received_at = engine.clock.utcnow()
         peer = f"{request.client.host}:{request.client.port}" if request.client else ""
+        try:  # before the body is read: a stranger's bytes are neither read nor journaled
+            check_bearer(request, token, channel.name)
+        except Unauthenticated as exc:
+            return _error(exc)
         if not engine.accepting(channel.name):  # paused or stopped from the admin UI: the sender retries
             return _error(Unavailable(f"channel {channel.name} is {engine.channel_state.get(channel.name)}"))
         try:
@@ -140,8 +150,15 @@ def _order_by_accession(engine: "Engine", accession: str) -> ImagingOrder | None
         return order
 
 
-def _read_endpoint(engine: "Engine"):
-    async def read(resource_id: str) -> Response:
+def _read_endpoint(engine: "Engine", channel: Channel):
+    assert isinstance(channel.source, FhirSource)
+    token = channel.source.token.get_secret_value()
+
+    async def read(resource_id: str, request: Request) -> Response:
+        try:
+            check_bearer(request, token, channel.name)
+        except Unauthenticated as exc:
+            return _error(exc)
         found = await asyncio.to_thread(_stored, engine, resource_id)
         if found is None:
             return _answer(404, operation_outcome("error", "not-found",

@@ -4,6 +4,9 @@ Journal first, as on MLLP: the body is journaled (valid or not) before the answe
 report_manager step in the same transaction. A body that fails validation is kept as an error message and answered
 422 naming the field (`field`, and pydantic's `detail` list). Re-linking a held report is a journaled message too
 (`POST /api/reports/{id}/link`), so the analyst's decision is on record with what it sent.
+
+Who may call: the reporting system posts with the channel's bearer token (when its source sets one); listing,
+reading and re-linking are for people, behind the guards `serve` takes from the admin UI, and audited.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from sqlalchemy import select
 
 from engine.channels.pipeline import Inbound, ParsedBody
 from engine.config import Channel, RestSource
-from engine.errors import BadValue, EngineError, TooLarge, UnsupportedMediaType
+from engine.errors import BadValue, EngineError, TooLarge, Unauthenticated, UnsupportedMediaType
+from engine.http_access import CHALLENGE, check_bearer, people, record, warn_if_open
 from engine.model import REPORT_STATUSES, CodedValue, EntityId, ReportLink, ReportMessage, Signer
 from engine.store.tables import Report, ReportVersion
 
@@ -151,7 +155,8 @@ def _error(error: EngineError) -> JSONResponse:
     body: dict = {"error": str(error), "field": error.location or None}
     if isinstance(error, Invalid):
         body["detail"] = error.detail
-    return JSONResponse(body, status_code=error.http)
+    headers = CHALLENGE if isinstance(error, Unauthenticated) else None
+    return JSONResponse(body, status_code=error.http, headers=headers)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -169,15 +174,18 @@ async def _body(request: Request, limit: int) -> bytes:
 
 def report_router(engine: "Engine") -> APIRouter:
     """Intake and link on the enabled rest channel for reports; listing and reading always."""
-    router = APIRouter(prefix="/api/reports")
+    router = APIRouter(prefix="/api/reports", tags=["reports"])
     channel = next((c for c in engine.config.channels
                     if c.enabled and isinstance(c.source, RestSource) and c.source.resource == "reports"), None)
     if channel is not None:
+        warn_if_open(channel.source.token.get_secret_value(), channel.name, "POST /api/reports")
         router.add_api_route("", _create_endpoint(engine, channel), methods=["POST"], name="report-create")
         router.add_api_route("/{report_id}/link", _link_endpoint(engine, channel), methods=["POST"],
-                             name="report-link")
-    router.add_api_route("", _list_endpoint(engine), methods=["GET"], name="report-list")
-    router.add_api_route("/{report_id}", _read_endpoint(engine), methods=["GET"], name="report-read")
+                             name="report-link", dependencies=[people("reports.link")])
+    router.add_api_route("", _list_endpoint(engine), methods=["GET"], name="report-list",
+                         dependencies=[people("reports.read")])
+    router.add_api_route("/{report_id}", _read_endpoint(engine), methods=["GET"], name="report-read",
+                         dependencies=[people("reports.read")])
     return router
 
 
@@ -194,9 +202,11 @@ async def _journal(engine: "Engine", channel: Channel, request: Request, body: b
 def _create_endpoint(engine: "Engine", channel: Channel):
     source = channel.source
     assert isinstance(source, RestSource)
+    token = source.token.get_secret_value()
 
     async def create(request: Request) -> JSONResponse:
         try:
+            check_bearer(request, token, channel.name)
             body = await _body(request, source.max_body_bytes)
         except EngineError as exc:  # not read whole or not JSON at all: nothing to journal
             return _error(exc)
@@ -239,9 +249,14 @@ def _link_endpoint(engine: "Engine", channel: Channel):
             outcome = await _journal(engine, channel, request, body, parsed, error)
         except EngineError as exc:
             return _error(exc)
+        found = await asyncio.to_thread(_report, engine, report_id)
+        await asyncio.to_thread(
+            record, request, "report.link", object_type="report", object_id=str(report_id),
+            patient_ids=[(found["patient_id"] or "") if found else ""],
+            detail=f"message {outcome.message_id}" + (f": {outcome.error}" if outcome.error else ""),
+            outcome="failure" if outcome.error is not None else "success")
         if outcome.error is not None:
             return _error(outcome.error)
-        found = await asyncio.to_thread(_report, engine, report_id)
         return JSONResponse({**(found or {}), "message_id": outcome.message_id,
                              "note": outcome.result.note if outcome.result else ""})
 
@@ -249,17 +264,25 @@ def _link_endpoint(engine: "Engine", channel: Channel):
 
 
 def _list_endpoint(engine: "Engine"):
-    async def listing(held: bool | None = None, accession: str = "", limit: int = 100) -> JSONResponse:
-        return JSONResponse(await asyncio.to_thread(_reports, engine, held, accession, max(1, min(limit, 1000))))
+    async def listing(request: Request, held: bool | None = None, accession: str = "", limit: int = 100
+                      ) -> JSONResponse:
+        rows = await asyncio.to_thread(_reports, engine, held, accession, max(1, min(limit, 1000)))
+        where = " ".join(part for part in (f"held={held}" if held is not None else "",
+                                           f"accession={accession}" if accession else "") if part)
+        await asyncio.to_thread(record, request, "report.search", object_type="report", object_id=where[:128],
+                                patient_ids=[r["patient_id"] or "" for r in rows], detail=f"{len(rows)} result(s)")
+        return JSONResponse(rows)
 
     return listing
 
 
 def _read_endpoint(engine: "Engine"):
-    async def read(report_id: int) -> JSONResponse:
+    async def read(report_id: int, request: Request) -> JSONResponse:
         found = await asyncio.to_thread(_report, engine, report_id)
         if found is None:
             return JSONResponse({"error": f"no report {report_id}", "field": None}, status_code=404)
+        await asyncio.to_thread(record, request, "report.view", object_type="report", object_id=str(report_id),
+                                patient_ids=[found["patient_id"] or ""])
         return JSONResponse(found)
 
     return read

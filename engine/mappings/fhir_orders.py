@@ -35,7 +35,7 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 from pydantic import ValidationError
 
 from engine.errors import (BadValue, DuplicateKey, EngineError, InvalidTransition, Malformed, MissingField, TooLarge,
-                           Unavailable, Unsupported, UnsupportedMediaType, UnknownKey)
+                           Unauthenticated, Unavailable, Unsupported, UnsupportedMediaType, UnknownKey)
 from engine.mappings.pinyin import NameReading, read_name
 from engine.model import (CodedValue, EntityId, Order, OrderMessage, Patient, PatientIdentity, PersonName,
                           RequestedProcedure, ScheduledStep)
@@ -429,6 +429,7 @@ def stored_resource(sent: dict, *, resource_id: str, accession: str, study_insta
 # (error type, HTTP status, OperationOutcome issue code): the first matching type wins, so subclasses come first.
 # A reference the engine cannot resolve is a business rule broken by the request (422), not a missing endpoint.
 ANSWERS: tuple[tuple[type[EngineError], int, str], ...] = (
+    (Unauthenticated, 401, "login"),
     (UnsupportedMediaType, 415, "not-supported"),
     (TooLarge, 413, "too-long"),
     (Malformed, 400, "invalid"),

@@ -1,7 +1,8 @@
 """The capture page and its REST API under /capture: worklist, session, live preview (MJPEG), stills, clips, review.
 
 Thin edge: each route calls the CaptureService on a worker thread (FastAPI runs plain `def` routes there) and maps
-EngineError to its HTTP code with the reason as text, which the page shows as it is.
+EngineError to its HTTP code with the reason as text, which the page shows as it is. The page and the API are for
+capture operators: behind the guards `serve` takes from the admin UI (engine.http_access), closed without them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from engine.errors import EngineError
+from engine.http_access import people, record
 
 if TYPE_CHECKING:
     from engine.channels.runtime import Engine
@@ -45,6 +47,7 @@ def _answer(call: Callable[[], object], status: int = 200):
 
 def capture_router(engine: "Engine") -> APIRouter:
     router = APIRouter(prefix="/capture")
+    api = APIRouter(prefix="/api", dependencies=[people("capture.api")])
 
     def service() -> "CaptureService":
         found = engine.extensions.get("capture")
@@ -52,24 +55,29 @@ def capture_router(engine: "Engine") -> APIRouter:
             raise _NotConfigured("no capture stations are configured (capture: in channels.yaml)")
         return found  # type: ignore[return-value]
 
-    @router.get("", response_class=HTMLResponse, include_in_schema=False)
+    @router.get("", response_class=HTMLResponse, include_in_schema=False, dependencies=[people("capture.page")])
     def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Cache-Control": "no-store"})
 
-    @router.get("/api/stations")
+    @api.get("/stations")
     def stations():
         return _answer(lambda: [s.status() for s in service().stations.values()])
 
-    @router.get("/api/stations/{name}")
+    @api.get("/stations/{name}")
     def station(name: str):
         return _answer(lambda: service().station(name).status())
 
-    @router.get("/api/stations/{name}/worklist")
-    def worklist(name: str, q: str = ""):
-        return _answer(lambda: service().worklist(service().station(name), q))
+    @api.get("/stations/{name}/worklist")
+    def worklist(name: str, request: Request, q: str = ""):
+        def run():
+            rows = service().worklist(service().station(name), q)
+            record(request, "capture.worklist", object_type="worklist", object_id=f"{name} {q}"[:128],
+                   patient_ids=[r.get("patient_id") or "" for r in rows], detail=f"{len(rows)} result(s)")
+            return rows
+        return _answer(run)
 
-    @router.post("/api/stations/{name}/session")
-    def open_session(name: str, body: SessionRequest):
+    @api.post("/stations/{name}/session")
+    def open_session(name: str, body: SessionRequest, request: Request):
         def run():
             svc = service()
             st = svc.station(name)
@@ -79,10 +87,13 @@ def capture_router(engine: "Engine") -> APIRouter:
                 subject = svc.manual_subject(body.patient_id or "", body.name, birth_date=body.birth_date,
                                              sex=body.sex, accession=body.accession or "")
             svc.open_session(st, subject)
-            return st.status()
+            status = st.status()
+            record(request, "capture.session", object_type="station", object_id=name,
+                   patient_ids=[(status.get("session") or {}).get("patient_id") or ""])
+            return status
         return _answer(run)
 
-    @router.delete("/api/stations/{name}/session")
+    @api.delete("/stations/{name}/session")
     def close_session(name: str):
         def run():
             svc = service()
@@ -91,11 +102,11 @@ def capture_router(engine: "Engine") -> APIRouter:
             return st.status()
         return _answer(run)
 
-    @router.post("/api/stations/{name}/still")
+    @api.post("/stations/{name}/still")
     def still(name: str):
         return _answer(lambda: service().still(service().station(name)), 201)
 
-    @router.post("/api/stations/{name}/clip/start")
+    @api.post("/stations/{name}/clip/start")
     def clip_start(name: str):
         def run():
             st = service().station(name)
@@ -103,11 +114,11 @@ def capture_router(engine: "Engine") -> APIRouter:
             return st.status()
         return _answer(run)
 
-    @router.post("/api/stations/{name}/clip/stop")
+    @api.post("/stations/{name}/clip/stop")
     def clip_stop(name: str):
         return _answer(lambda: service().stop_clip(service().station(name)), 201)
 
-    @router.get("/api/stations/{name}/items")
+    @api.get("/stations/{name}/items")
     def items(name: str, session_only: bool = False):
         def run():
             st = service().station(name)
@@ -115,18 +126,18 @@ def capture_router(engine: "Engine") -> APIRouter:
             return service().items(st, series)
         return _answer(run)
 
-    @router.post("/api/stations/{name}/send")
+    @api.post("/stations/{name}/send")
     def send(name: str, body: SendRequest | None = None):
         return _answer(lambda: service().send(service().station(name), body.items if body else None))
 
-    @router.delete("/api/items/{item_id}")
+    @api.delete("/items/{item_id}")
     def delete(item_id: int):
         def run():
             service().delete(item_id)
             return {"deleted": item_id}
         return _answer(run)
 
-    @router.get("/api/items/{item_id}/thumbnail.jpg")
+    @api.get("/items/{item_id}/thumbnail.jpg")
     def item_thumbnail(item_id: int):
         try:
             path = service().thumbnail_path(item_id)
@@ -136,7 +147,7 @@ def capture_router(engine: "Engine") -> APIRouter:
             return Response(status_code=404)
         return FileResponse(path, media_type="image/jpeg")
 
-    @router.get("/api/stations/{name}/snapshot.jpg")
+    @api.get("/stations/{name}/snapshot.jpg")
     def snapshot(name: str):
         try:
             hub = service().station(name).require_hub()
@@ -145,7 +156,7 @@ def capture_router(engine: "Engine") -> APIRouter:
         except EngineError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.http)
 
-    @router.get("/api/stations/{name}/preview.mjpg")
+    @api.get("/stations/{name}/preview.mjpg")
     def preview(name: str, request: Request):
         """multipart/x-mixed-replace JPEG frames at the station's preview rate, encoded once for all viewers."""
         try:
@@ -176,6 +187,7 @@ def capture_router(engine: "Engine") -> APIRouter:
         return StreamingResponse(frames(), media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
                                  headers={"Cache-Control": "no-store"})
 
+    router.include_router(api)
     return router
 
 
