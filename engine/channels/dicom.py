@@ -23,6 +23,7 @@ from engine.channels.dispatcher import Attempt
 from engine.config import DicomDestination
 from engine.mwl.dicom_server import no_delay
 from engine.mwl.storage_scp import DUL_LOOP_DELAY
+from engine.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class DicomSender:
         self.wanted: dict[tuple[str, str], None] = {}  # insertion-ordered: the most recent kept when over 128
         self.last_used = 0.0
         self.sent_files: list[Path] = []
+        tls = destination.tls
+        self.tls_args = (client_context(tls), tls.server_name or destination.host) if tls else None
 
     async def send(self, payload: bytes) -> Attempt:
         return await asyncio.to_thread(self._send, Path(payload.decode("utf-8")))
@@ -99,7 +102,8 @@ class DicomSender:
         for sop_class, syntax in self.wanted:
             self.ae.add_requested_context(sop_class, syntax)
         d = self.destination
-        assoc = self.ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])
+        assoc = self.ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)],
+                                  tls_args=self.tls_args)
         if not assoc.is_established:
             raise ConnectionError(f"association with {d.ae_title}@{d.host}:{d.port} "
                                   f"{'rejected' if assoc.is_rejected else 'failed'}")

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Awaitable, Callable
+
+from engine.tls import AddressList, peer_subject, refusal_reason
 
 log = logging.getLogger(__name__)
 
 VT, FS, CR = 0x0B, 0x1C, 0x0D
 START, END = b"\x0b", b"\x1c\x0d"
+WRITE_BACKLOG = 256 * 1024  # unsent ACK bytes past which the listener waits for the peer to read
 
 
 def frame(payload: bytes) -> bytes:
@@ -107,17 +111,21 @@ class MllpServer:
     """An asyncio MLLP listener; each connection is served in order, connections in parallel."""
 
     def __init__(self, host: str, port: int, handler: FrameHandler, *, max_bytes: int,
-                 idle_timeout: float, max_connections: int, name: str = "mllp") -> None:
+                 idle_timeout: float, max_connections: int, name: str = "mllp",
+                 ssl_context: ssl.SSLContext | None = None, handshake_timeout: float = 10.0,
+                 allowed: AddressList | None = None) -> None:
         self.host, self.port, self.handler = host, port, handler
         self.max_bytes, self.idle_timeout = max_bytes, idle_timeout
         self.name = name
+        self.ssl_context, self.handshake_timeout = ssl_context, handshake_timeout
+        self.allowed = allowed or AddressList(())
         self._slots = asyncio.Semaphore(max_connections)
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True, limit=2**20)
-        log.info("mllp listening", extra={"channel": self.name, "port": self.port})
+        log.info("mllp listening", extra={"channel": self.name, "port": self.port, "tls": self.ssl_context is not None})
 
     async def close(self) -> None:
         if self._server is not None:
@@ -133,6 +141,11 @@ class MllpServer:
         peer_info = writer.get_extra_info("peername") or ("?", 0)
         peer = f"{peer_info[0]}:{peer_info[1]}"
         set_nodelay(writer)
+        if self.allowed and not self.allowed.allows(str(peer_info[0])):
+            log.warning("mllp connection refused: address not allowed", extra={"channel": self.name, "peer": peer})
+            writer.close()
+            self._connections.discard(task)
+            return
         if self._slots.locked():
             log.warning("mllp connection refused: too many connections", extra={"channel": self.name, "peer": peer})
             writer.close()
@@ -140,6 +153,8 @@ class MllpServer:
             return
         async with self._slots:
             try:
+                if self.ssl_context is not None and not await self._handshake(writer, peer):
+                    return
                 await self._conversation(reader, writer, peer)
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
@@ -152,6 +167,19 @@ class MllpServer:
             finally:
                 self._connections.discard(task)
                 writer.close()
+
+    async def _handshake(self, writer: asyncio.StreamWriter, peer: str) -> bool:
+        # TLS after accept rather than start_server(ssl=...): asyncio drops a failed handshake silently, and a
+        # refused client must be in the log with the reason.
+        try:
+            await writer.start_tls(self.ssl_context, ssl_handshake_timeout=self.handshake_timeout)
+        except (ssl.SSLError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            log.warning("mllp tls handshake refused", extra={"channel": self.name, "peer": peer,
+                                                              "reason": refusal_reason(exc)})
+            return False
+        log.info("mllp tls client", extra={"channel": self.name, "peer": peer,
+                                           "subject": peer_subject(writer.get_extra_info("ssl_object"))})
+        return True
 
     async def _conversation(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         framer = FrameReader(self.max_bytes)
@@ -171,7 +199,15 @@ class MllpServer:
                 answer = await self.handler(block, peer)
                 if answer is not None:
                     writer.write(frame(answer))
-                    await writer.drain()
+                    if writer.transport.get_write_buffer_size() > WRITE_BACKLOG:
+                        # a peer that sends but does not read its ACKs: wait for it, but not forever
+                        try:
+                            async with asyncio.timeout(self.idle_timeout):
+                                await writer.drain()
+                        except TimeoutError:
+                            log.warning("mllp peer does not read its acknowledgments: closing",
+                                        extra={"channel": self.name, "peer": peer})
+                            return
             if framer.junk_bytes > self.max_bytes:
                 log.warning("mllp peer sends bytes outside frames: closing", extra={"channel": self.name, "peer": peer})
                 return
@@ -181,8 +217,10 @@ class MllpClient:
     """One kept connection to an MLLP receiver; send waits for the answer block."""
 
     def __init__(self, host: str, port: int, *, connect_timeout: float, answer_timeout: float,
-                 max_bytes: int = 16 * 1024 * 1024) -> None:
+                 max_bytes: int = 16 * 1024 * 1024, ssl_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> None:
         self.host, self.port = host, port
+        self.ssl_context, self.server_hostname = ssl_context, server_hostname
         self.connect_timeout, self.answer_timeout = connect_timeout, answer_timeout
         self.max_bytes = max_bytes
         self._reader: asyncio.StreamReader | None = None
@@ -191,8 +229,11 @@ class MllpClient:
         self._pending: list[Frame] = []
 
     async def _connect(self) -> None:
+        tls = {} if self.ssl_context is None else {
+            "ssl": self.ssl_context, "server_hostname": self.server_hostname or self.host,
+            "ssl_handshake_timeout": self.connect_timeout}
         self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port, limit=2**20), timeout=self.connect_timeout
+            asyncio.open_connection(self.host, self.port, limit=2**20, **tls), timeout=self.connect_timeout
         )
         set_nodelay(self._writer)
         self._framer = FrameReader(self.max_bytes)
@@ -204,9 +245,10 @@ class MllpClient:
             await self._connect()
         assert self._reader is not None and self._writer is not None
         try:
-            self._writer.write(frame(payload))
-            await self._writer.drain()
+            # drain inside the timeout too: a receiver that accepts but stops reading must not hold us forever
             async with asyncio.timeout(self.answer_timeout):
+                self._writer.write(frame(payload))
+                await self._writer.drain()
                 return await self._read_answer()
         except BaseException:
             await self.close()
@@ -222,10 +264,15 @@ class MllpClient:
         return self._pending.pop(0).payload
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            try:
-                await self._writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
-        self._reader = self._writer = None
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is None:
+            return
+        if writer.transport.get_write_buffer_size():
+            writer.transport.abort()  # close() flushes first: a receiver that stopped reading would hold it forever
+        else:
+            writer.close()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await writer.wait_closed()
+        except (ConnectionError, OSError, TimeoutError):
+            pass

@@ -19,6 +19,8 @@ from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.events import Event
 
 from engine.mwl import mpps_scp, mwl_scp, storage_scp, verification
+from engine.mwl.dicom_guard import AssociationGuard, start_guarded_server
+from engine.tls import AddressList, server_context
 
 if TYPE_CHECKING:
     from engine.channels.runtime import Engine
@@ -45,12 +47,14 @@ def build_ae(engine: "Engine", roles: Sequence[ModuleType] = ROLES) -> tuple[AE,
     """The AE with every role's presentation contexts, and the event handlers the roles contribute."""
     settings = engine.config.dicom
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = settings.max_associations
+    # AssociationGuard enforces max_associations exactly; pynetdicom's own count includes connections it is
+    # rejecting at that moment, so under a flood it would refuse some of the admitted ones too.
+    ae.maximum_associations = settings.max_associations * 4 + 16
     ae.maximum_pdu_size = settings.max_pdu_length
     ae.network_timeout = settings.network_timeout_seconds
     ae.acse_timeout = settings.network_timeout_seconds
     ae.dimse_timeout = settings.network_timeout_seconds
-    handlers: list[tuple] = [(evt.EVT_CONN_OPEN, no_delay)]
+    handlers: list[tuple] = [(evt.EVT_CONN_OPEN, no_delay), *AssociationGuard(settings).handlers()]
     for role in roles:
         if not getattr(role, "enabled", lambda config: True)(engine.config):
             continue
@@ -71,20 +75,31 @@ async def start_dicom_server(engine: "Engine", roles: Sequence[ModuleType] = ROL
     _config.LOG_RESPONSE_IDENTIFIERS = False
     settings = engine.config.dicom
     ae, handlers = build_ae(engine, roles)
-    server = await asyncio.to_thread(ae.start_server, (settings.host, settings.port), block=False,
-                                     evt_handlers=handlers)
-    log.info("dicom listener started", extra={"ae_title": settings.ae_title, "host": settings.host,
-                                              "port": server.server_address[1]})
+    tls = settings.tls
+    context = server_context(tls) if tls else None
+    allowed = AddressList(settings.allowed_ips)
+    listeners = [((settings.host, settings.port), None if tls and tls.port else context)]
+    if tls and tls.port:
+        listeners.append(((settings.host, tls.port), context))
+    servers = []
+    for address, ssl_context in listeners:
+        server = await asyncio.to_thread(start_guarded_server, ae, address, handlers, tls=ssl_context,
+                                         handshake_timeout=tls.handshake_timeout_seconds if tls else 10.0,
+                                         allowed=allowed)
+        servers.append(server)
+        log.info("dicom listener started", extra={"ae_title": settings.ae_title, "host": settings.host,
+                                                  "port": server.server_address[1], "tls": ssl_context is not None})
 
     async def stop() -> None:
-        await asyncio.to_thread(_shutdown, ae, server)
+        await asyncio.to_thread(_shutdown, ae, servers)
         log.info("dicom listener stopped", extra={"ae_title": settings.ae_title})
 
     return stop
 
 
-def _shutdown(ae: AE, server) -> None:
-    server.shutdown()  # no new associations
+def _shutdown(ae: AE, servers: list) -> None:
+    for server in servers:
+        server.shutdown()  # no new associations
     deadline = time.monotonic() + STOP_GRACE_SECONDS
     while ae.active_associations and time.monotonic() < deadline:
         time.sleep(0.02)  # let a query in flight finish its answer
