@@ -1,6 +1,15 @@
+import os
+
 import pytest
+from hypothesis import settings
 
 from peers import dcmtk_tool
+
+# Property and fuzz tests (tests/test_fuzz.py) run a fixed, reproducible budget in CI; `HYPOTHESIS_PROFILE=fuzz`
+# searches longer and at random on a workstation. No deadline: two cores shared by several jobs make timing noise.
+settings.register_profile("ci", max_examples=400, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("fuzz", max_examples=20000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -10,3 +19,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "dcmtk" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL cluster per test session (tests/pg_peer.py); each test makes its own database."""
+    from pg_peer import PostgresCluster, pg_bin
+
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL is not installed: run scripts/test, which installs Debian's postgresql")
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()

@@ -59,10 +59,26 @@ def codec_for_hl7(name: str) -> str:
     key = " ".join(name.strip().upper().split())
     if key in _HL7_TO_CODEC:
         return _HL7_TO_CODEC[key]
+    codec = _charset_codec(key)
+    if codec is None:
+        raise BadCharset(f"unknown character set in MSH-18: {name.strip()[:40]!r}", location="MSH^1^18")
+    return codec
+
+
+# Python codecs that are no character set: decoding with them rewrites escapes (unicode-escape), refuses every
+# byte (undefined) or is meant for host names. Found by fuzzing MSH-18 (tests/test_fuzz.py).
+_NOT_CHARSETS = frozenset({"unicode-escape", "raw-unicode-escape", "undefined", "idna", "punycode"})
+
+
+def _charset_codec(name: str) -> str | None:
+    """The codec for a character set name, or None: unknown, a NUL in the name, or bytes-to-bytes (base64)."""
     try:
-        return codecs.lookup(key).name
-    except LookupError:
-        raise BadCharset(f"unknown character set in MSH-18: {name.strip()!r}", location="MSH^1^18") from None
+        info = codecs.lookup(name)
+    except (LookupError, ValueError):
+        return None
+    if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_CHARSETS:
+        return None
+    return info.name
 
 
 def hl7_name_for_codec(codec: str) -> str:
@@ -76,7 +92,7 @@ def hl7_name_for_codec(codec: str) -> str:
 
 def normal_codec(codec: str) -> str:
     """Canonical Python codec name (for comparisons and storage)."""
-    try:
-        return codecs.lookup(codec).name
-    except LookupError:
-        raise BadCharset(f"unknown codec {codec!r}") from None
+    normal = _charset_codec(codec)
+    if normal is None:
+        raise BadCharset(f"unknown codec {codec[:40]!r}")
+    return normal

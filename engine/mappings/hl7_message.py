@@ -122,10 +122,14 @@ def sniff_header(raw: bytes, *, fallback_codec: str = "utf-8", force_codec: str 
         codec = normal_codec(fallback_codec)
     try:
         text = start.decode(codec)
-    except UnicodeDecodeError as exc:
+    except UnicodeError as exc:
         raise BadCharset(
-            f"message bytes are not valid {declared or codec} at byte {exc.start}", location="MSH^1^18"
+            f"message bytes are not valid {(declared or codec)[:40]} at byte {getattr(exc, 'start', 0)}",
+            location="MSH^1^18",
         ) from None
+    if not text.startswith(start[:8].decode("ascii")):
+        # An EBCDIC or UTF-16 label on ASCII-framed bytes: what decoded is not the header just read.
+        raise BadCharset(f"character set {(declared or codec)[:40]} does not fit the MSH bytes", location="MSH^1^18")
     text = text.replace("\r\n", "\r").replace("\n", "\r").rstrip("\r")
     # Re-split the header from the decoded text: the pre-decode split was only to read MSH-18.
     fields = _split_msh(text.split("\r", 1)[0])
@@ -300,8 +304,14 @@ def with_fields(text: str, header: Header, values: dict[str, str]) -> str:
             if where.segment == "MSH" and where.field <= 2:
                 raise ValueError("MSH-1 and MSH-2 cannot be set")
             fields += [""] * (position + 1 - len(fields))
-            if not where.component:
+            if not where.component and where.repetition == 1:
                 fields[position] = value
+            elif not where.component:
+                # PID-5(2): that repetition only; the others stay (found by fuzzing, tests/test_fuzz.py).
+                reps = fields[position].split(rep)
+                reps += [""] * (where.repetition - len(reps))
+                reps[where.repetition - 1] = value
+                fields[position] = rep.join(reps)
             else:
                 reps = fields[position].split(rep)
                 reps += [""] * (where.repetition - len(reps))

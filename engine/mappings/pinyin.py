@@ -220,7 +220,9 @@ def _split_whole(name: str, overrides: Mapping[str, tuple[str, ...]]) -> tuple[l
 def _is_latin(text: str) -> bool:
     if text.isascii():
         return True
-    return not any(c.isalpha() and "LATIN" not in unicodedata.name(c, "")
+    # 〇 (U+3007) is a number, not a letter: without the ideograph test a name of zeros was read as Latin and
+    # lost its characters (found by fuzzing, tests/test_fuzz.py).
+    return not any((c.isalpha() and "LATIN" not in unicodedata.name(c, "")) or _is_ideograph(c)
                    for c in unicodedata.normalize("NFKC", text))
 
 
