@@ -52,6 +52,9 @@ DEFAULTS: dict[str, tuple[str, ...]] = {
     "interpreter": ("OBR-32",),
 }
 
+# read from ORU^R01 by engine.mappings.hl7_report, not from orders
+RESULT_FIELDS = frozenset({"observed_at", "reported_at", "result_status", "interpreter"})
+
 _EXPLICIT_REPETITION = re.compile(r"-\d+\(\d+\)")
 _TIMESTAMP = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d{1,6})?(?:[+-]\d{4})?$")
 

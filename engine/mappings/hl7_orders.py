@@ -35,6 +35,10 @@ whole field (every repetition unless `(n)` names one); with a component it reads
 | department | ORC-17 | ordering department, code^text |
 | step_location | (none) | Scheduled Procedure Step Location |
 | study_instance_uid | ZDS-1 | RP; absent: the actor generates one |
+| observed_at | OBR-7 | results (ORU^R01, engine.mappings.hl7_report): when observed |
+| reported_at | OBR-22, MSH-7 | results: when the report was signed |
+| result_status | OBR-25 | results: P, F, C, X (HL7 table 0123) |
+| interpreter | OBR-32 | results: principal result interpreter |
 
 Segments before the first ORC are the patient's; each ORC starts an order group holding the segments that
 follow it (TQ1, OBR, ZDS, NTE ...). A second OBR under one ORC starts a group that shares that ORC.
