@@ -1,4 +1,4 @@
-"""swf-engine command line: serve, check, send, reprocess, capture, user."""
+"""swf-engine command line: serve, check, send, reprocess, prune, capture, user."""
 
 from __future__ import annotations
 
@@ -58,10 +58,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = _store()
     store.migrate()
     from admin_ui import ROUTERS as ADMIN_ROUTERS
+    from admin_ui import people_access
     from engine.http_api import ROUTERS
 
+    # the admin UI's logins also guard the engine's routes for people (reports, capture), closed without them
     engine = build_engine(config, store, _data_dir(), config_path=_config_path(args).resolve(),
-                          http_routers=(*ROUTERS, *ADMIN_ROUTERS))
+                          http_routers=(*ROUTERS, *ADMIN_ROUTERS), http_people=people_access())
     # The journal writer, the event loop and pynetdicom's threads hand the GIL to each other on every
     # message; with the default 5 ms switch interval an ACK can wait a whole interval for the loop.
     sys.setswitchinterval(float(os.environ.get("SWF_SWITCH_INTERVAL", "0.0005")))
@@ -193,6 +195,34 @@ def cmd_capture_import(args: argparse.Namespace) -> int:
         store.dispose()
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Archive and remove journal content past its channel's retention; print what was (or would be) done."""
+    from engine.config import load_config
+    from engine.errors import ConfigError
+    from engine.store.pruner import Pruner, session_writer
+
+    try:
+        config = load_config(_config_path(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    store = _store()
+    store.migrate()
+    try:
+        # Small transactions of its own: safe beside a running `serve` (SQLite waits on busy_timeout).
+        report = Pruner(store, _data_dir(), lambda: config, session_writer(store)).run(dry_run=args.dry_run)
+    finally:
+        store.dispose()
+    for line in report.lines():
+        print(line)
+    total = report.total()
+    print(f"{'dry run: would remove' if args.dry_run else 'removed'} {total.messages} message(s), "
+          f"{total.deliveries} deliveries, {total.files} spooled file(s); archived {total.archived} "
+          f"in {len(report.archive_files)} file(s)")
+    return 0
+
+
 def cmd_user_add(args: argparse.Namespace) -> int:
     """Add a local user of the admin UI (the first admin, typically); the password from stdin or a prompt."""
     import getpass
@@ -260,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
                                 help="seconds to wait for delivery; what is not delivered stays queued")
     capture_import.add_argument("files", nargs="+", metavar="FILE")
     capture_import.set_defaults(func=cmd_capture_import)
+
+    prune = commands.add_parser("prune", help="archive and remove journal content past each channel's retention")
+    prune.add_argument("--config", default="channels.yaml")
+    prune.add_argument("--dry-run", action="store_true", help="count what would go; change nothing")
+    prune.set_defaults(func=cmd_prune)
 
     user = commands.add_parser("user", help="local users of the admin UI and REST API")
     user_commands = user.add_subparsers(dest="user_command", required=True)

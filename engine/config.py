@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from engine.errors import ConfigError
 
@@ -28,6 +28,106 @@ class RetryPolicy(Strict):
     max_seconds: float = Field(300.0, gt=0)
 
 
+class Retention(Strict):
+    """How long a channel's journal is kept (engine.store.pruner): like an integration engine's data pruner.
+
+    Messages older than `days` are archived (gzip JSON lines under $SWF_DATA_DIR/archive, raw bytes exact) when
+    `archive` is on, then removed with their deliveries. Errors (message in error, or a dead delivery) are kept
+    `keep_errors_days` instead, when given. Nothing with a queued or retrying delivery is ever removed.
+    """
+
+    days: int = Field(ge=1, le=36500)
+    archive: bool = True
+    keep_errors_days: int | None = Field(None, ge=1, le=36500)
+
+
+# --- security ------------------------------------------------------------------------------------
+
+# Keys whose values are secrets: channels.yaml must name them as `${NAME}` (or use the `*_file` twin), so
+# the file itself can be shared, versioned and shown in the admin UI without the secret in it.
+SECRET_KEYS = frozenset({"key_password", "token"})
+# an intake token may default to empty (`${NAME:-}`): the route is then open, which `serve` logs at start
+_SECRET_REFERENCE = {"token": r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-)?\}"}
+
+
+def _existing_file(value: str | None) -> str | None:
+    if value is not None and not Path(value).is_file():
+        raise ValueError(f"no such file: {value}")
+    return value
+
+
+def _allowed_ips(value: list[str]) -> list[str]:
+    import ipaddress
+
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"not an address or network: {item!r} (e.g. 10.1.2.3 or 10.1.0.0/16)") from None
+    return value
+
+
+class TlsKeyPair(Strict):
+    """A PEM certificate chain and its private key; the key's password from the environment or a file."""
+
+    cert: str | None = None
+    key: str | None = None
+    key_password: SecretStr | None = None  # `${NAME}` only (see SECRET_KEYS)
+    key_password_file: str | None = None  # a file holding the password (a container secret)
+
+    @field_validator("cert", "key", "key_password_file")
+    @classmethod
+    def _files(cls, value: str | None) -> str | None:
+        return _existing_file(value)
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TlsKeyPair":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        if self.key_password is not None and self.key_password_file is not None:
+            raise ValueError("key_password or key_password_file, not both")
+        return self
+
+
+class TlsServer(TlsKeyPair):
+    """TLS on a listener (BCP 195, TLS 1.2 or later); with `ca`, clients must show a certificate it signed."""
+
+    cert: str
+    key: str
+    ca: str | None = None  # PEM bundle of the CAs that sign client certificates
+    client_certificate: Literal["required", "optional", "none"] = "required"
+    handshake_timeout_seconds: float = Field(10.0, gt=0)
+
+    @field_validator("ca")
+    @classmethod
+    def _ca_file(cls, value: str | None) -> str | None:
+        return _existing_file(value)
+
+    @model_validator(mode="after")
+    def _client_ca(self) -> "TlsServer":
+        if self.client_certificate != "none" and self.ca is None:
+            raise ValueError(f"client_certificate {self.client_certificate} needs ca: the CAs to check them against")
+        return self
+
+
+class TlsClient(TlsKeyPair):
+    """TLS to a destination: whom to trust (`ca`, else the system's CAs) and, for mutual TLS, our certificate."""
+
+    ca: str | None = None
+    server_name: str | None = None  # the name the server's certificate must carry; default: the host
+
+    @field_validator("ca")
+    @classmethod
+    def _ca_file(cls, value: str | None) -> str | None:
+        return _existing_file(value)
+
+
+class DicomTls(TlsServer):
+    """DICOM over TLS (PS3.15 B.1): the listener itself, or a second listener on `port` (2762) beside it."""
+
+    port: int | None = Field(None, ge=1, le=65535)
+
+
 # --- sources -------------------------------------------------------------------------------------
 
 
@@ -45,6 +145,13 @@ class MllpSource(Strict):
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     idle_timeout_seconds: float = Field(300.0, gt=0)
     max_connections: int = Field(256, ge=1)
+    allowed_ips: list[str] = []  # addresses or networks that may connect; empty: any
+    tls: TlsServer | None = None
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return _allowed_ips(value)
 
     @field_validator("charset", "fallback_charset")
     @classmethod
@@ -65,7 +172,42 @@ class InternalSource(Strict):
     type: Literal["internal"]
 
 
-class FhirSource(Strict):
+class BearerIntake(Strict):
+    """An HTTP intake route a machine calls: `Authorization: Bearer <token>` when a token is set (RFC 6750 2.1)."""
+
+    # the token's value never shows in an error: pydantic would print the input otherwise
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    # `${NAME:-}` only (see SECRET_KEYS); empty: open, fit for a listener on 127.0.0.1, and `serve` warns
+    token: SecretStr = SecretStr("")
+    token_file: str = ""  # or a file holding it (a container secret), read when the config loads
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_token_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("token_file"):
+            return data
+        if data.get("token"):
+            raise ValueError("token or token_file, not both")
+        try:
+            secret = Path(data["token_file"]).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"token_file {data['token_file']}: cannot read: "
+                             f"{getattr(exc, 'strerror', None) or 'not UTF-8 text'}") from None
+        if not secret:  # an empty file must not quietly open the route
+            raise ValueError(f"token_file {data['token_file']} is empty")
+        return {**data, "token": secret}
+
+    @field_validator("token")
+    @classmethod
+    def _strong(cls, value: SecretStr) -> SecretStr:
+        secret = value.get_secret_value()
+        if secret and not re.fullmatch(r"[A-Za-z0-9\-._~+/]{16,}=*", secret):
+            raise ValueError("a token has 16 or more characters of A-Z a-z 0-9 - . _ ~ + / "
+                             "(e.g. openssl rand -hex 32)")
+        return value
+
+
+class FhirSource(BearerIntake):
     """FHIR R4 resources POSTed to the engine's HTTP listener at `/fhir/{resource}` (FHIR R4 3.1.0 RESTful API)."""
 
     type: Literal["fhir"]
@@ -103,7 +245,7 @@ class DicomSource(Strict):
     coercion_status: Literal["success", "warning"] = "success"
 
 
-class RestSource(Strict):
+class RestSource(BearerIntake):
     """JSON over the engine's HTTP listener at `/api/{resource}`: reports from the reporting system."""
 
     type: Literal["rest"]
@@ -190,6 +332,7 @@ class MllpDestination(Strict):
     ack_timeout_seconds: float = Field(30.0, gt=0)
     on_negative_ack: Literal["retry", "dead"] = "retry"  # AE/AR/CE/CR
     retry: RetryPolicy = RetryPolicy()
+    tls: TlsClient | None = None
     # How this receiver wants procedure status from the Order Filler (IHE RAD-3): ORM^O01 (ORC-1 SC) for
     # v2.3.1/2.4 receivers, OMG^O19 for v2.5/2.5.1. Version empty: 2.3.1 for ORM, 2.5.1 for OMG.
     status_message: Literal["ORM^O01", "OMG^O19"] = "ORM^O01"
@@ -227,6 +370,7 @@ class DicomDestination(Strict):
     idle_release_seconds: float = Field(5.0, ge=0)  # release the association after this long without images
     keep_sent_files: bool = False  # keep the spooled copy after the PACS stored it
     retry: RetryPolicy = RetryPolicy()
+    tls: TlsClient | None = None  # DICOM over TLS (PS3.15 B.1)
 
 
 class Route(Strict):
@@ -279,6 +423,7 @@ class Channel(Strict):
     steps: list[Step] = []
     destinations: list[Destination] = []
     routes: list[Route] = []  # dicom source only; none: every image to every destination
+    retention: Retention | None = None  # none: engine.retention, else kept forever
 
     @model_validator(mode="after")
     def _destinations(self) -> "Channel":
@@ -325,6 +470,23 @@ class DicomSettings(Strict):
     # Largest PDU the listener takes (PS3.8 D.1, 0 = no limit). Peers send no larger PDUs than this: at
     # pynetdicom's 16 KiB a 512 KiB image is 32 PDUs, each parsed in Python (a third of the image rate).
     max_pdu_length: int = Field(262144, ge=0)
+    # Who may associate: addresses or networks, and calling AE titles (A-ASSOCIATE-RJ, PS3.8 7.1.1.9); empty: any
+    allowed_ips: list[str] = []
+    allowed_calling_ae_titles: list[str] = []
+    max_associations_per_calling_ae: int | None = Field(None, ge=1)  # one modality cannot take every slot
+    tls: DicomTls | None = None
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return _allowed_ips(value)
+
+    @model_validator(mode="after")
+    def _tls_port(self) -> "DicomSettings":
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError(f"tls.port {self.port} is the plain listener's port: leave tls.port out to make "
+                             "that listener TLS, or give the TLS listener its own port (2762)")
+        return self
 
 
 class HttpSettings(Strict):
@@ -477,6 +639,16 @@ class EngineSettings(Strict):
     # How long the journal writer waits for more messages to share a commit (group commit), in ms: under
     # load, fewer and larger commits leave more of the GIL to the connections; idle, each ACK waits this long.
     commit_delay_ms: float = Field(1.0, ge=0, le=50)
+    # Several instances on one PostgreSQL: how long a destination's queue stays with an instance that stopped
+    # renewing its lease (killed, hung) before another takes it over. Shorter fails over sooner; longer
+    # tolerates longer stalls of a live holder before two instances could both send (at-least-once either way).
+    lease_seconds: float = Field(30.0, ge=1, le=3600)
+    # Retention for journal channels without their own (also the engine's own journals, e.g. "mpps");
+    # none: kept forever. The pruner runs every prune_interval_minutes inside `serve`, prune_batch messages
+    # per write transaction so the journal writer is never held for long.
+    retention: Retention | None = None
+    prune_interval_minutes: float = Field(60.0, gt=0)
+    prune_batch: int = Field(200, ge=1, le=5000)
 
 
 class Config(Strict):
@@ -594,6 +766,11 @@ def _build(node: yaml.Node, path: tuple, lines: dict[tuple, int], loader: yaml.S
             key = loader.construct_object(key_node, deep=True)
             if key in result:
                 problems.append((key_node.start_mark.line + 1, f"duplicate key {key!r}"))
+            if key in SECRET_KEYS and not (isinstance(value_node, yaml.ScalarNode)
+                                           and re.fullmatch(_SECRET_REFERENCE.get(key, r"\$\{[A-Za-z_][A-Za-z0-9_]*\}"),
+                                                            value_node.value)):
+                problems.append((key_node.start_mark.line + 1, f"{key} must be written as ${{NAME}} (from the "
+                                 f"environment) or given as {key}_file: secrets stay out of this file"))
             result[key] = _build(value_node, (*path, key), lines, loader, environ, problems)
             lines[(*path, key)] = key_node.start_mark.line + 1
         return result

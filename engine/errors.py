@@ -110,6 +110,12 @@ class UnsupportedMediaType(Unsupported):
     http = 415
 
 
+class Unauthenticated(EngineError):
+    """An HTTP request without the bearer token its source requires (RFC 6750 3.1)."""
+
+    ack, http = "AR", 401
+
+
 class ConfigError(Exception):
     """channels.yaml does not validate; carries every problem with its line."""
 

@@ -92,9 +92,10 @@ def msa(answer: bytes, codec: str = "utf-8") -> list[str]:
 class HisListener:
     """An MLLP receiver in a thread: records every message, answers AA (or what `answer` says)."""
 
-    def __init__(self, port: int | None = None, answer: str = "AA") -> None:
+    def __init__(self, port: int | None = None, answer: str | None = "AA", ssl_context=None) -> None:
         self.port = port or free_port()
-        self.answer = answer
+        self.answer = answer  # None: read and never answer (a HIS that hangs)
+        self.ssl_context = ssl_context  # a server-side ssl.SSLContext: the HIS speaks MLLP over TLS
         self.received: list[bytes] = []
         self._stop = threading.Event()
         self._server: socket.socket | None = None
@@ -128,6 +129,13 @@ class HisListener:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self.ssl_context is not None:
+            try:
+                conn.settimeout(5)
+                conn = self.ssl_context.wrap_socket(conn, server_side=True)
+            except OSError:
+                conn.close()
+                return
         conn.settimeout(0.2)
         buffer = b""
         with conn:
@@ -148,6 +156,8 @@ class HisListener:
                     control_id = message.split(b"\r")[0].split(b"|")[9] if message.count(b"|") > 9 else b""
                     with self._lock:
                         self.received.append(message)
+                    if self.answer is None:
+                        continue
                     ack = b"MSH|^~\\&|HIS|HOSP|SWF|RAD|20260101||ACK|A" + control_id + b"|P|2.3.1\rMSA|" + \
                         self.answer.encode() + b"|" + control_id + b"\r"
                     try:
@@ -209,6 +219,24 @@ def running_engine(config: Path, data_dir: Path, ports: list[int], env: dict[str
         yield engine
     finally:
         engine.stop()
+
+
+def add_user(data_dir: Path, name: str, role: str, password: str) -> None:
+    """`swf-engine user add` on the engine's data directory, before or while it serves."""
+    subprocess.run([sys.executable, "-m", "engine.cli", "user", "add", name, "--role", role, "--password-stdin"],
+                   input=password + "\n", text=True, check=True, cwd=REPO, capture_output=True,
+                   env={**os.environ, "SWF_DATA_DIR": str(data_dir)})
+
+
+def logged_in(base: str, name: str, password: str):
+    """An httpx.Client with the session cookie of that user and its CSRF token on every request."""
+    import httpx
+
+    client = httpx.Client(base_url=base, timeout=60)
+    answer = client.post("/api/session", json={"username": name, "password": password})
+    assert answer.status_code == 200, answer.text
+    client.headers["X-CSRF-Token"] = answer.json()["csrf_token"]
+    return client
 
 
 @dataclass

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from engine.store.db import Store
 from engine.store.journal_sql import JournalStatements
 from engine.store.tables import Delivery, DeliveryAttempt, Message
+from pg_peer import BACKENDS
 
 RECEIVED = datetime(2026, 11, 22, 8, 5, 0, 123456, tzinfo=timezone.utc)
 SENT = datetime(2026, 11, 22, 8, 5, 1, tzinfo=timezone.utc)  # no microseconds: must still store .000000
@@ -88,3 +89,26 @@ def test_ids_continue_after_earlier_rows(stores):
     assert later == [first[-1][0] + 1, first[-1][0] + 2]
     with store.session() as session:
         assert session.get(Message, later[1]).control_id == "MSG11"
+
+
+def _utc_naive(value):
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_utc_naive(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _utc_naive(v) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.skipif("postgres" not in BACKENDS, reason="SWF_TEST_DATABASE excludes PostgreSQL")
+def test_postgres_core_statements_write_what_sqlite_writes(stores, postgres):
+    """The Core path is PostgreSQL's: same ids, values and duplicate answers as the direct SQLite path."""
+    store = Store(postgres.create_database())
+    store.migrate()
+    try:
+        on_postgres = journal(store, False)
+    finally:
+        store.dispose()
+    # PostgreSQL hands back aware datetimes (timestamptz), SQLite the UTC wall time it stored
+    assert _utc_naive(on_postgres) == _utc_naive(journal(stores[0], True))

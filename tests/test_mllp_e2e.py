@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 
 def relay_config(tmp_path, port, his_port, *, attempts=5, extra_steps=""):
     path = tmp_path / "channels.yaml"
+    # the DICOM listener starts with every engine: never on the default 11112 beside other test engines
     path.write_text(textwrap.dedent(f"""\
+        dicom: {{port: {free_port()}}}
         channels:
           - name: relay
             source: {{type: mllp, port: {port}, fallback_charset: gb18030, max_message_bytes: 65536}}

@@ -25,9 +25,10 @@ rolls back everything it changed and becomes the sender's AE/AR with ERR. Decisi
 from __future__ import annotations
 
 import fnmatch
+import zlib
 from dataclasses import dataclass, field, replace
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from engine.actors.base import ActorContext, ActorResult
@@ -402,6 +403,10 @@ def next_accession(session: Session, prefix: str, day: str) -> str:
     """prefix + YYYYMMDD + the next free sequence number of that day: unique, and the same for the same db."""
     stem = f"{prefix}{day}"
     width = max(2, min(5, MAX_ACCESSION - len(stem)))
+    if session.connection().dialect.name == "postgresql":
+        # Engine instances sharing the database would read the same highest number: this lock, held to the end
+        # of the transaction, makes the second wait for the first to commit and then read past its number.
+        session.execute(select(func.pg_advisory_xact_lock(zlib.crc32(stem.encode()))))
     taken = session.scalars(select(ImagingOrder.accession)
                             .where(ImagingOrder.accession.startswith(stem, autoescape=True))).all()
     high = max((int(a[len(stem):]) for a in taken if a[len(stem):].isdigit() and len(a) >= len(stem) + width),

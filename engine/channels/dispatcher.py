@@ -18,7 +18,9 @@ from engine.config import DicomDestination, FhirDestination, MllpDestination, Re
 from engine.mappings.ack import ack_code_of
 from engine.store.db import Store
 from engine.store.journal_sql import JournalStatements
+from engine.store.leases import Lease
 from engine.store.tables import Delivery, DeliveryAttempt
+from engine.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,12 @@ class MllpSender:
 
     def __init__(self, destination: MllpDestination) -> None:
         self.destination = destination
+        tls = destination.tls
         self.client = MllpClient(destination.host, destination.port,
                                  connect_timeout=destination.connect_timeout_seconds,
-                                 answer_timeout=destination.ack_timeout_seconds)
+                                 answer_timeout=destination.ack_timeout_seconds,
+                                 ssl_context=client_context(tls) if tls else None,
+                                 server_hostname=tls.server_name if tls else None)
 
     async def send(self, payload: bytes) -> Attempt:
         try:
@@ -92,12 +97,16 @@ class DestinationDispatcher:
 
     def __init__(self, store: Store, writer: JournalWriter, clock: Clock, channel: str,
                  destination: MllpDestination | DicomDestination, *, batch: int = 200, idle_poll: float = 1.0,
-                 sender=None) -> None:
+                 sender=None, lease: Lease | None = None) -> None:
         self.store, self.writer, self.clock = store, writer, clock
         self.channel, self.destination = channel, destination
         self.batch, self.idle_poll = batch, idle_poll
         self.sender = sender or sender_for(destination)
         self.wakeup = asyncio.Event()
+        # delivery id -> (next_attempt_at as written, monotonic due time) for the retries this dispatcher scheduled
+        self._retry_at: dict[int, tuple[datetime, float]] = {}
+        # several instances on one database: send only while this instance holds the destination's lease
+        self.lease = lease
 
     def _due(self) -> list[tuple[int, bytes, int, datetime]]:
         with self.store.sessions() as session:
@@ -113,16 +122,44 @@ class DestinationDispatcher:
     async def run(self) -> None:
         try:
             while True:
-                rows = await asyncio.to_thread(self._due)
-                if not rows:
-                    idle = getattr(self.sender, "idle", None)  # e.g. release a DICOM association
-                    if idle is not None:
-                        await idle()
-                    await self._sleep(self.idle_poll)
+                if self.lease is not None and not await self._hold_lease():
+                    # another instance sends this queue; ask again later, not at every wakeup (a busy listener
+                    # of this instance would otherwise query the lease for each message it journals)
+                    await asyncio.sleep(self.idle_poll)
                     continue
-                await self._send_in_order(rows)
+                try:
+                    rows = await asyncio.to_thread(self._due)
+                    if not rows:
+                        idle = getattr(self.sender, "idle", None)  # e.g. release a DICOM association
+                        if idle is not None:
+                            await idle()
+                        await self._sleep(self.idle_poll)
+                        continue
+                    await self._send_in_order(rows)
+                except Exception:
+                    # The database is down or full (or a sender broke): the rows are still queued, so this
+                    # task must outlive the fault and pick them up again, however long it lasts.
+                    log.warning("dispatch round failed; retrying", exc_info=True,
+                                extra={"channel": self.channel, "destination": self.destination.name})
+                    await self._sleep(self.idle_poll)
         finally:
+            if self.lease is not None:
+                try:
+                    await asyncio.to_thread(self.lease.release)
+                except Exception:  # the lease then expires by itself
+                    log.warning("destination lease not released", exc_info=True)
             await self.sender.close()
+
+    async def _hold_lease(self) -> bool:
+        assert self.lease is not None
+        if self.lease.fresh():
+            return True
+        try:
+            return await asyncio.to_thread(self.lease.held)
+        except Exception:  # database unreachable: not held, as far as anyone can tell
+            log.warning("destination lease check failed", exc_info=True,
+                        extra={"channel": self.channel, "destination": self.destination.name})
+            return False
 
     async def _sleep(self, seconds: float) -> None:
         self.wakeup.clear()
@@ -135,12 +172,15 @@ class DestinationDispatcher:
         sent: list[tuple[int, int, Attempt]] = []
         try:
             for delivery_id, payload, attempts, next_at in rows:
-                now = self.clock.utcnow()
-                if _aware(next_at) > now:
+                wait = self._wait(delivery_id, next_at)
+                if wait > 0:
                     await self._record(sent)
                     sent = []
-                    await self._sleep((_aware(next_at) - now).total_seconds())
+                    # a lease holder wakes to renew before its lease runs out, even behind a long backoff
+                    await self._sleep(min(wait, self.lease.renew_every) if self.lease is not None else wait)
                     return
+                if self.lease is not None and not await self._hold_lease():
+                    return  # lost to another instance (this one stalled past its term): it resends from the head
                 attempt = await self.sender.send(payload)
                 if attempt.ok:
                     sent.append((delivery_id, attempts + 1, attempt))
@@ -173,6 +213,13 @@ class DestinationDispatcher:
         if committed is not None:
             await committed()
 
+    def _wait(self, delivery_id: int, next_at: datetime) -> float:
+        """Seconds until this delivery is due; see due_in."""
+        scheduled = self._retry_at.get(delivery_id)
+        retry_at = scheduled[1] if scheduled and _aware(scheduled[0]) == _aware(next_at) else None
+        return due_in(next_at, self.clock.utcnow(), retry_at=retry_at, monotonic=self.clock.monotonic(),
+                      max_wait=self.destination.retry.max_seconds)
+
     def _failure(self, delivery_id: int, attempts: int, attempt: Attempt):
         policy = self.destination.retry
         now = self.clock.utcnow()
@@ -183,6 +230,7 @@ class DestinationDispatcher:
             delay = backoff_seconds(policy, attempts)
             values = dict(status="error", attempts=attempts, response=attempt.response[:4000],
                           last_error=attempt.error, next_attempt_at=now + timedelta(seconds=delay))
+            self._retry_at = {delivery_id: (values["next_attempt_at"], self.clock.monotonic() + delay)}
 
         def record(session: Session) -> None:
             connection = session.connection()
@@ -192,6 +240,19 @@ class DestinationDispatcher:
                 detail=(attempt.error + " " + attempt.response).strip()[:2000]))
 
         return record
+
+
+def due_in(next_at: datetime, now: datetime, *, retry_at: float | None, monotonic: float, max_wait: float) -> float:
+    """Seconds until a delivery is due, 0 when it is.
+
+    A retry this process scheduled waits on the monotonic clock (`retry_at`): a wall clock set back an hour
+    (NTP step, a VM restored) must not hold the queue for that hour. Otherwise (another instance, a restart,
+    a reprocess) it is the wall clock, capped at the policy's longest backoff: no retry is ever scheduled
+    further ahead than that, so a longer wait can only be a clock that jumped back.
+    """
+    if retry_at is not None:
+        return max(0.0, retry_at - monotonic)
+    return min(max(0.0, (_aware(next_at) - now).total_seconds()), max_wait)
 
 
 def _aware(value: datetime) -> datetime:

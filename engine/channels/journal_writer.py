@@ -18,7 +18,7 @@ from typing import Any, Callable
 from sqlalchemy.orm import Session
 
 from engine.errors import Unavailable
-from engine.store.db import Store
+from engine.store.db import Store, lost_race
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ BatchHandler = Callable[[Session, list], list]
 
 
 _STOP = object()
+RACE_RETRIES = 3
 
 
 class JournalWriter:
@@ -118,11 +119,18 @@ class JournalWriter:
             log.exception("journal batch failed; retrying its items one by one")
         results: list[tuple[_Job, Any, BaseException | None]] = []
         for job in items:
-            try:
-                with session.begin_nested():
-                    results.append((job, self.batch_handler(session, [job.item])[0], None))
-            except Exception as exc:
-                results.append((job, None, exc))
+            for attempt in range(RACE_RETRIES + 1):
+                try:
+                    with session.begin_nested():
+                        results.append((job, self.batch_handler(session, [job.item])[0], None))
+                    break
+                except Exception as exc:
+                    # Another engine instance committed the same message first (or the two deadlocked): the
+                    # next try finds its row and answers as for a duplicate.
+                    if attempt < RACE_RETRIES and lost_race(exc):
+                        continue
+                    results.append((job, None, exc))
+                    break
         return results
 
     def _commit(self, batch: list[_Job]) -> None:

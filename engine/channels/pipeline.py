@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from sqlalchemy import insert, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from engine.actors.base import Actor, ActorContext, ActorResult, Outbound
@@ -17,10 +18,12 @@ from engine.config import ActorStep, Channel, FilterStep, MllpDestination, SetFi
 from engine.errors import EngineError, Unsupported
 from engine.mappings.charset import hl7_name_for_codec, normal_codec
 from engine.mappings.hl7_message import DecodedMessage, with_fields
+from engine.store.db import lost_race
 from engine.store.journal_sql import JournalStatements
 from engine.store.tables import Delivery, Message
 
 log = logging.getLogger(__name__)
+RACE_RETRIES = 3
 
 # The hot path uses Core statements on the session's connection: the ORM's bulk-insert machinery
 # costs more per row than the SQLite insert itself.
@@ -157,9 +160,20 @@ class Pipelines:
     def _run_actors(self, session: Session, plan: "_Plan") -> None:
         assert plan.inbound.decoded is not None and plan.message_id is not None
         try:
-            with session.begin_nested():
-                for step in plan.actor_steps:
-                    self._run_actor(session, step, plan)
+            for attempt in range(RACE_RETRIES + 1):
+                try:
+                    with session.begin_nested():
+                        for step in plan.actor_steps:
+                            self._run_actor(session, step, plan)
+                    break
+                except DBAPIError as exc:
+                    # Another engine instance on the same database created the same patient or accession
+                    # first, or the two deadlocked: run the actors again on what it committed.
+                    if attempt == RACE_RETRIES or not lost_race(exc):
+                        raise
+                    log.info("actor lost a race with another instance; retrying",
+                             extra={"channel": plan.channel.name, "message_id": plan.message_id})
+                    plan.result = ActorResult()
         except EngineError as exc:
             plan.status, plan.error = "error", exc
         except Exception as exc:  # a defect: keep the message, answer AE, let the analyst reprocess

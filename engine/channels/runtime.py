@@ -16,10 +16,12 @@ from engine.channels.mllp import Frame, MllpServer
 from engine.channels.pipeline import Inbound, Outcome, Pipelines
 from engine.clock import Clock, Ids
 from engine.config import Channel, Config, MllpSource
-from engine.errors import EngineError, Malformed
+from engine.errors import EngineError, Malformed, Unavailable
 from engine.mappings.ack import FALLBACK_HEADER, build_ack, decide
 from engine.mappings.hl7_message import DecodedMessage, sniff_header
 from engine.store.db import Store
+from engine.store.leases import Lease, instance_name
+from engine.tls import AddressList, server_context
 
 if TYPE_CHECKING:
     from engine.channels.reload import ReloadReport
@@ -62,6 +64,7 @@ class Engine:
         self.writer = JournalWriter(self.store, self.pipelines.process_batch,
                                     commit_delay=self.config.engine.commit_delay_ms / 1000)
         self.dispatchers: list[DestinationDispatcher] = []
+        self.instance = instance_name()  # this process among the engines sharing the database (leases)
         self._servers: list[MllpServer] = []
         self._tasks: list[asyncio.Task] = []
         self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
@@ -114,20 +117,28 @@ class Engine:
         run = self._runs.setdefault(name, _ChannelRun())
         if not run.dispatchers:
             for destination in channel.destinations:
+                # SQLite has one engine process by construction; a server database may have several
+                lease = None if self.store.is_sqlite else Lease(
+                    self.store, channel.name, destination.name, self.instance, self.config.engine.lease_seconds)
                 dispatcher = DestinationDispatcher(self.store, self.writer, self.clock, channel.name, destination,
                                                    batch=self.config.engine.dispatch_batch,
                                                    sender=sender_for(destination,
-                                                                     calling_ae_title=self.config.dicom.ae_title))
+                                                                     calling_ae_title=self.config.dicom.ae_title),
+                                                   lease=lease)
                 task = asyncio.create_task(dispatcher.run(), name=f"dispatch:{channel.name}:{destination.name}")
                 run.dispatchers.append(dispatcher)
                 run.tasks.append(task)
                 self.dispatchers.append(dispatcher)
                 self._tasks.append(task)
         if run.server is None and isinstance(channel.source, MllpSource):
-            server = MllpServer(channel.source.host, channel.source.port, partial(self.on_frame, channel),
-                                max_bytes=channel.source.max_message_bytes,
-                                idle_timeout=channel.source.idle_timeout_seconds,
-                                max_connections=channel.source.max_connections, name=channel.name)
+            source = channel.source
+            server = MllpServer(source.host, source.port, partial(self.on_frame, channel),
+                                max_bytes=source.max_message_bytes,
+                                idle_timeout=source.idle_timeout_seconds,
+                                max_connections=source.max_connections, name=channel.name,
+                                ssl_context=server_context(source.tls) if source.tls else None,
+                                handshake_timeout=source.tls.handshake_timeout_seconds if source.tls else 10.0,
+                                allowed=AddressList(source.allowed_ips))
             await server.start()
             run.server = server
             self._servers.append(server)
@@ -218,6 +229,11 @@ class Engine:
             outcome: Outcome = await self.writer.submit_item(inbound)
         except EngineError as exc:
             return self._answer(channel, decoded, exc.ack, exc)
+        except Exception:
+            # Whatever broke between the block and the commit (a full disk, a lost database), the message is
+            # not known to be stored: the sender must keep it and send it again, so never AA.
+            log.exception("message not journaled", extra={"channel": channel.name, "peer": peer})
+            return self._answer(channel, decoded, "AR", Unavailable("the message could not be stored; retry later"))
         if outcome.status == "processed":
             self.wake_dispatchers()
         log.debug("message %s", outcome.status, extra={

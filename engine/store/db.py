@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+MIGRATION_LOCK = 0x5357465F4D494752  # "SWF_MIGR": the advisory lock key schema migrations take on PostgreSQL
 
 
 def default_url(data_dir: Path) -> str:
@@ -35,6 +36,18 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # beside it instead, from `serve`, and SQLite checkpoints when the last connection closes.
     cursor.execute("PRAGMA wal_autocheckpoint=0")
     cursor.close()
+
+
+# PostgreSQL's answers to two transactions racing (several engine instances on one database): a unique
+# violation from a concurrent insert (raised once the other committed), a deadlock, a serialization failure.
+# A second try in a fresh savepoint sees the other's committed rows and decides again.
+_RACES = {"23505", "40P01", "40001"}
+
+
+def lost_race(exc: BaseException) -> bool:
+    """Whether a database error is a race with another transaction that a retry resolves (never on SQLite)."""
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return state in _RACES
 
 
 class Store:
@@ -63,6 +76,10 @@ class Store:
         config.set_main_option("script_location", str(MIGRATIONS))
         config.set_main_option("sqlalchemy.url", self.url)
         with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # instances started together on an empty database: the first migrates, the others wait for its
+                # commit and then find the schema at head (the lock ends with the transaction)
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 

@@ -108,6 +108,19 @@ class DeliveryAttempt(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+class DestinationLease(Base):
+    """Which engine instance sends a destination's queue, until when: one holder at a time keeps it FIFO."""
+
+    __tablename__ = "destination_lease"
+
+    channel: Mapped[str] = mapped_column(String(64), primary_key=True)
+    destination: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128), default="")  # host:pid:random of the instance
+    # the database's clock, never an instance's: instances with skewed clocks still agree on expiry
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 # --- domain --------------------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-29 19:16:19.008672
+Create Date: 2026-11-29 20:00:10.679129
 """
 from alembic import op
 import sqlalchemy as sa
@@ -46,6 +46,14 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_audit_event_patient_id'), ['patient_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_audit_event_username'), ['username'], unique=False)
 
+    op.create_table('destination_lease',
+    sa.Column('channel', sa.String(length=64), nullable=False),
+    sa.Column('destination', sa.String(length=64), nullable=False),
+    sa.Column('holder', sa.String(length=128), nullable=False),
+    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('acquired_at', sa.DateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('channel', 'destination', name=op.f('pk_destination_lease'))
+    )
     op.create_table('message',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('channel', sa.String(length=64), nullable=False),
@@ -411,6 +419,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_message_accession'))
 
     op.drop_table('message')
+    op.drop_table('destination_lease')
     with op.batch_alter_table('audit_event', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_audit_event_username'))
         batch_op.drop_index(batch_op.f('ix_audit_event_patient_id'))
