@@ -35,6 +35,10 @@ BatchHandler = Callable[[Session, list], list]
 
 
 _STOP = object()
+
+
+class _BatchFailed(Exception):
+    """The batch handler failed on the whole batch; the transaction is rolled back and redone item by item."""
 RACE_RETRIES = 3
 
 
@@ -108,15 +112,19 @@ class JournalWriter:
             if stop_after:
                 return
 
-    def _handle_items(self, session: Session, items: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
+    def _items_together(self, session: Session, items: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
+        """Every item in one call, without a savepoint of its own: the common case, and the cheapest."""
         assert self.batch_handler is not None
         try:
-            with session.begin_nested():
-                values = self.batch_handler(session, [job.item for job in items])
-            return [(job, value, None) for job, value in zip(items, values)]
-        except Exception:
-            # One item broke the batch statement: redo them one by one so only that one fails.
+            values = self.batch_handler(session, [job.item for job in items])
+        except Exception as exc:
             log.exception("journal batch failed; retrying its items one by one")
+            raise _BatchFailed from exc
+        return [(job, value, None) for job, value in zip(items, values)]
+
+    def _items_one_by_one(self, session: Session, items: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
+        """After a failed batch: each item in its own savepoint, so only the one that breaks fails."""
+        assert self.batch_handler is not None
         results: list[tuple[_Job, Any, BaseException | None]] = []
         for job in items:
             for attempt in range(RACE_RETRIES + 1):
@@ -133,21 +141,30 @@ class JournalWriter:
                     break
         return results
 
-    def _commit(self, batch: list[_Job]) -> None:
+    def _transaction(self, batch: list[_Job], *, one_by_one: bool) -> list[tuple[_Job, Any, BaseException | None]]:
         results: list[tuple[_Job, Any, BaseException | None]] = []
         items = [job for job in batch if job.work is None]
+        with self.store.session() as session:
+            if items:
+                handle = self._items_one_by_one if one_by_one else self._items_together
+                results += handle(session, items)
+            for job in batch:
+                if job.work is None:
+                    continue
+                try:
+                    results.append((job, job.work(session), None))
+                except Exception as exc:  # the job failed alone; its own savepoint kept others intact
+                    log.exception("journal job failed")
+                    results.append((job, None, exc))
+        return results
+
+    def _commit(self, batch: list[_Job]) -> None:
         try:
-            with self.store.session() as session:
-                if items:
-                    results += self._handle_items(session, items)
-                for job in batch:
-                    if job.work is None:
-                        continue
-                    try:
-                        results.append((job, job.work(session), None))
-                    except Exception as exc:  # the job failed alone; its own savepoint kept others intact
-                        log.exception("journal job failed")
-                        results.append((job, None, exc))
+            try:
+                results = self._transaction(batch, one_by_one=False)
+            except _BatchFailed:
+                # The failed batch was rolled back whole (jobs included): do it again, items one by one.
+                results = self._transaction(batch, one_by_one=True)
         except Exception as exc:
             # Nothing of this batch is on disk: every caller must answer with an error, never AA.
             log.error("journal commit failed: %s", type(exc).__name__, exc_info=True)

@@ -1,0 +1,80 @@
+"""The group-commit writer: one commit for many items; an item that breaks the batch fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import select
+
+from engine.channels.journal_writer import JournalWriter
+from engine.store.db import Store
+from engine.store.journal_sql import JournalStatements
+from engine.store.tables import Message
+
+NOW = datetime(2026, 11, 22, 8, 0, tzinfo=timezone.utc)
+
+
+def row(control_id: str) -> dict:
+    return dict(channel="c", received_at=NOW, peer="p", content_type="hl7v2", sender="HIS", control_id=control_id,
+                message_type="ORM^O01", charset="utf-8", raw=b"x", text="x", status="processed", ack_code="AA",
+                error="", accepted_key=f"c|HIS|{control_id}", patient_id=None, accession=None)
+
+
+def journal_items(session, items: list[str]) -> list[int]:
+    """Writes every item first, then refuses a batch holding BAD: its rows must not survive."""
+    ids = JournalStatements(session.connection()).insert_messages([row(item) for item in items])
+    if "BAD" in items:
+        raise ValueError("BAD cannot be journaled")
+    return ids
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'journal.db'}")
+    store.migrate()
+    yield store
+    store.dispose()
+
+
+def stored(store: Store) -> list[str]:
+    with store.session() as session:
+        return list(session.scalars(select(Message.control_id).order_by(Message.id)))
+
+
+def test_items_queued_together_share_one_commit(store):
+    writer = JournalWriter(store, journal_items)
+
+    async def submit():
+        futures = [writer.submit_item(f"M{n}") for n in range(5)]  # queued before the thread runs
+        writer.start()
+        return await asyncio.gather(*futures)
+
+    ids = asyncio.run(submit())
+    writer.stop()
+    assert writer.batches == 1 and writer.jobs == 5
+    assert stored(store) == [f"M{n}" for n in range(5)] and ids == sorted(ids)
+
+
+def test_an_item_that_breaks_the_batch_fails_alone_and_nothing_is_written_twice(store):
+    writer = JournalWriter(store, journal_items)
+
+    def job(session):
+        JournalStatements(session.connection()).insert_messages([row("JOB")])
+        return "job done"
+
+    async def submit():
+        futures = [writer.submit_item("A"), writer.submit_item("BAD"), writer.submit_item("B")]
+        job_future = writer.submit(job)
+        writer.start()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        return results, await job_future
+
+    (first, bad, second), job_result = asyncio.run(submit())
+    writer.stop()
+    assert isinstance(bad, ValueError)
+    assert isinstance(first, int) and isinstance(second, int)  # their message ids
+    assert job_result == "job done"
+    # The failed first pass was rolled back whole: each survivor once, the job once, BAD never.
+    assert sorted(stored(store)) == ["A", "B", "JOB"]
