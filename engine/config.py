@@ -299,10 +299,13 @@ class ActorStep(Strict):
     @field_validator("fields")
     @classmethod
     def _paths(cls, value: dict[str, str]) -> dict[str, str]:
-        from engine.mappings.hl7_message import FieldPath
+        from engine.errors import EngineError
+        from engine.mappings.hl7_fields import check_fields
 
-        for path in value.values():
-            FieldPath.parse(path)
+        try:
+            check_fields(value)  # a misspelt field name would otherwise be found only by the first message
+        except EngineError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
 

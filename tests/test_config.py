@@ -100,6 +100,20 @@ def test_bad_field_path_is_located(tmp_path):
                                      "'PID-x' (expected e.g. PID-3.1 or OBR(2)-18)"]
 
 
+def test_misspelt_logical_field_of_an_actor_is_found_by_check(tmp_path):
+    path = write(tmp_path, """\
+        channels:
+          - name: a
+            source: {type: mllp, port: 3000}
+            steps:
+              - {type: actor, actor: order_filler, fields: {acession: OBR-3.1}}
+        """)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{path}:5: channels.0.steps.0.fields: ") and "unknown fields: acession" in problem
+
+
 def test_cross_checks_duplicate_names_and_ports(tmp_path):
     path = write(tmp_path, """\
         channels:
