@@ -95,9 +95,10 @@ class JournalWriter:
                 return
             batch = [first]
             stop_after = False
-            if self.commit_delay and self._queue.empty():
+            if self.commit_delay and first.work is None and self._queue.empty():
                 # Like PostgreSQL's commit_delay: give the other connections' messages, already on their
                 # way through the event loop, a moment to join this commit instead of each paying its own.
+                # Only for inbound messages: a DICOM handler or a delivery record waits alone, undelayed.
                 time.sleep(self.commit_delay)
             while len(batch) < self.max_batch:
                 try:
