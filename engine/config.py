@@ -243,6 +243,9 @@ class DicomSource(Strict):
     character_profile: Literal["ascii", "unicode", "gb18030"] = "unicode"
     # success 0000, or B000 "coercion of data elements" (PS3.4 B.2.3) when something was coerced
     coercion_status: Literal["success", "warning"] = "success"
+    # Basic / Enhanced Text SR are reports too: routed like any object and, journaled on this channel, taken by
+    # its report_manager step (ORU^R01 and FHIR out); null: only routed
+    report_channel: str | None = Field(None, pattern=NAME_PATTERN)
 
 
 class RestSource(BearerIntake):
@@ -713,6 +716,12 @@ class Config(Strict):
 
     def _report_checks(self, names: list[str]) -> list[str]:
         problems = []
+        for channel in self.channels:
+            target = channel.source.report_channel if isinstance(channel.source, DicomSource) else None
+            if target and (target not in names or not any(
+                    isinstance(s, ActorStep) and s.actor == "report_manager" for s in self.channel(target).steps)):
+                problems.append(f"channel {channel.name!r}: report_channel {target!r} names no channel with a "
+                                f"report_manager step")
         for channel in self.channels:
             if isinstance(channel.source, RestSource) and self.http is None:
                 problems.append(f"channel {channel.name!r} takes JSON over HTTP: the config needs an http: section")

@@ -245,3 +245,38 @@ def test_broken_dataset_gets_a_failure_status_and_the_engine_serves_on(site, tmp
             assert journal(site.data, "SELECT count(*) FROM message WHERE channel = 'image_router'") == [(1,)]
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = chunked
+
+
+def test_text_sr_is_routed_to_the_pacs_coerced_and_taken_as_a_report(site, tmp_path):
+    """Issue 6: a Basic Text SR reaches Orthanc like any object (still valid after coercion) and becomes a report
+    version in the same commit; every C-STORE journal row names its series and modality (ImagingStudy series)."""
+    from sr_fixture import text_sr, write
+
+    study = write_ct_study(tmp_path / "study", 2, accession=ACCESSION, patient_name="WRONG^PATIENT",
+                           patient_id="WRONG-ID")
+    sr = text_sr(accession=ACCESSION, findings=["双肺纹理清晰。"], impression="未见异常。", verified=True,
+                 study_uid=study.uid, patient_id="WRONG-ID")
+    sr_file = write(sr, tmp_path / "report.dcm")
+    orthanc = site.orthanc().start()
+    try:
+        with site.engine():
+            site.register_order()
+            run = storescu(site.dicom, [*study.files, sr_file])
+            assert run.returncode == 0 and len(run.succeeded) == 3, run.output
+            assert sorted(orthanc.wait_for_count(3)) == sorted([*study.sop_instance_uids, sr.SOPInstanceUID])
+        stored = instance_file(orthanc, sr.SOPInstanceUID)
+        assert dcmread(DicomBytesIO(stored)).PatientID == "300101"  # coerced from the order, as images are
+        if shutil.which("dciodvfy"):
+            assert dicom_errors(stored, tmp_path, "sr-out.dcm") == set()
+    finally:
+        orthanc.stop()
+    texts = [text for (text,) in journal(site.data, "SELECT text FROM message WHERE message_type = 'C-STORE' "
+                                                    "ORDER BY id")]
+    series = dcmread(study.files[0]).SeriesInstanceUID
+    assert all(f"Series Instance UID {series}; Modality CT;" in text for text in texts[:2]), texts
+    assert f"Series Instance UID {sr.SeriesInstanceUID}; Modality SR;" in texts[2]
+    [(status, accession, patient_id)] = journal(
+        site.data, "SELECT status, accession, patient_id FROM message WHERE content_type = 'dicom-sr'")
+    assert (status, accession, patient_id) == ("processed", ACCESSION, "300101")
+    [(version, kind, findings)] = journal(site.data, "SELECT version, status, findings FROM report_version")
+    assert (version, kind, findings) == (1, "final", "双肺纹理清晰。")

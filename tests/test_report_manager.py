@@ -10,13 +10,15 @@ from sqlalchemy import select
 
 from engine.actors.order_filler import OrderFiller
 from engine.actors.report_manager import ReportManager
-from engine.channels.pipeline import Inbound, Pipelines
+from engine.channels.pipeline import Inbound, ParsedBody, Pipelines
 from engine.clock import FixedClock, Ids
 from engine.config import load_config
+from engine.mappings.dicom_sr_report import sr_report
 from engine.mappings.hl7_message import sniff_header
 from engine.store.db import Store
 from engine.store.tables import Delivery, Report
 from peers import HL7_DIR, REPO
+from sr_fixture import text_sr
 
 CLOCK = FixedClock(datetime(2026, 11, 22, 16, 0, tzinfo=timezone(timedelta(hours=8))))
 FINAL = (HL7_DIR / "30_oru_r01_final_utf8_v231.hl7").read_bytes()
@@ -89,3 +91,35 @@ def test_orm_still_goes_to_the_order_filler_only(site):
     store, feed = site
     outcome = feed((HL7_DIR / "01_adt_a04_utf8_v231.hl7").read_bytes())
     assert outcome.ack_code == "AA" and "patient registered" in outcome.result.note
+
+
+def test_a_verified_sr_after_a_final_is_its_correction_and_a_resend_adds_nothing(tmp_path):
+    """DICOM SR has no correction status: the Report Manager makes a later final SR a C (issue 6, SR intake)."""
+    config = load_config(REPO / "channels.yaml", environ={})
+    store = Store(f"sqlite:///{tmp_path / 'swf.db'}")
+    store.migrate()
+    channels = {c.name: c for c in config.channels}
+    pipelines = Pipelines(config.channels, {"order_filler": OrderFiller(),
+                                            "report_manager": ReportManager(config.reports, channels)},
+                          clock=CLOCK, ids=Ids(), settings={"order_filler": config.worklist})
+
+    def feed(inbound: Inbound):
+        with store.session() as session:
+            return pipelines.process(session, inbound)
+
+    def sr(findings: str):
+        report = sr_report(text_sr(accession="A2611220001", findings=[findings], impression="印象", verified=True))
+        return feed(Inbound("reports_api", b"", "test", CLOCK.utcnow(), ParsedBody("SR", findings, report),
+                            content_type="dicom-sr"))
+
+    for name in ("01_adt_a04_utf8_v231.hl7", "02_orm_o01_nw_utf8_v231.hl7"):
+        raw = (HL7_DIR / name).read_bytes()
+        feed(Inbound("his_inbound", raw, "test", CLOCK.utcnow(), sniff_header(raw, fallback_codec="gb18030")))
+    assert sr("所见").status == "processed"
+    assert sr("所见").result.note.endswith("repeated: nothing new")  # the final sent again
+    assert sr("所见更正").status == "processed"
+    assert sr("所见更正").result.note.endswith("repeated: nothing new")  # the correction sent again
+    with store.session() as session:
+        (report,) = session.scalars(select(Report)).all()
+        assert [(v.status, v.findings) for v in report.versions] == [("final", "所见"), ("corrected", "所见更正")]
+    store.dispose()

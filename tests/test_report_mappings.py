@@ -194,3 +194,23 @@ def test_config_rejects_fhir_destination_on_a_relay_and_a_report_channel_of_the_
                   - {type: actor, actor: report_managr}
             """)
     assert ":5:" in str(step.value)
+
+
+def test_a_signer_with_a_name_only_is_a_performer_without_identifier():
+    """A draft SR's author comes with a name only: an empty identifier would not validate (issue 6, SR intake)."""
+    draft = ReportMessage(status="preliminary", accession="A1", findings="所见", signer=Signer("", "赵^住院", "author"))
+    bundle = report_bundle(ORDER, draft, report_uid="2.25.9", instances=[], names=NAMES, zone=CST, now=ENVELOPE.now)
+    Bundle.model_validate(bundle)
+    assert bundle["entry"][3]["resource"]["performer"] == [{"display": "赵 住院"}]
+
+
+def test_config_rejects_an_sr_report_channel_without_a_report_manager(tmp_path):
+    with pytest.raises(ConfigError) as wrong:
+        _config(tmp_path, """\
+            channels:
+              - name: images
+                source: {type: dicom, report_channel: nowhere}
+                destinations:
+                  - {name: pacs, type: dicom, ae_title: PACS, host: 127.0.0.1, port: 4242}
+            """)
+    assert "report_channel 'nowhere' names no channel with a report_manager step" in str(wrong.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+import subprocess
 import time
 
 import httpx
@@ -15,7 +16,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from fhir_peer import FhirPeer
+from orthanc_peer import NODELAY_ENV, parse_storescu, storescu_command
 from peers import HL7_DIR, REPO, HisListener, add_user, free_port, logged_in, mllp_exchange, msa, running_engine
+from sr_fixture import text_sr, write
 
 pytestmark = pytest.mark.slow
 
@@ -312,3 +315,70 @@ def test_intake_needs_the_ris_token_and_people_a_login_with_the_right_role(site)
     assert ("viewer", "report.view", "success") in rows and ("viewer", "denied.act", "denied") in rows
     log = site.engine.log.read_text(encoding="utf-8", errors="replace")
     assert "refused: wrong bearer token" in log and RIS_TOKEN not in log and "ris-wrong-0123" not in log
+
+
+def send_sr(site: Site, path) -> None:
+    """C-STORE one SR file with DCMTK storescu, as a reporting system would."""
+    done = subprocess.run(storescu_command(site.dicom, [path], aet="RIS01"), env=NODELAY_ENV, capture_output=True,
+                          text=True, timeout=60)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and parse_storescu(output) == [path], output
+
+
+def test_text_sr_reports_over_c_store_reach_the_his_and_the_emr_with_the_images_series(site, tmp_path):
+    """Issue 6, report intake as DICOM SR: a resident's draft SR, the attending's verified SR, a verified revision;
+    the images stored before make the ImagingStudy's series."""
+    placer, filler = order(site, "501", "A501")
+    images = store_images(site, "A501", 3)
+    drafts = [("draft", ["右侧额叶小片状T2高信号。"], "考虑缺血灶。", False),
+              ("final", ["右侧额叶小片状T2高信号。", "中线结构居中。"], "缺血灶。", True),
+              ("revised", ["右侧额叶小片状T2高信号，FLAIR呈高信号。", "中线结构居中。"], "缺血灶，建议随访。", True)]
+    for name, findings, impression, verified in drafts:
+        send_sr(site, write(text_sr(accession="A501", placer=placer, filler=filler, findings=findings,
+                                    impression=impression, verified=verified), tmp_path / f"{name}.dcm"))
+        time.sleep(0.3)  # one version at a time, as a reporting system signs them
+
+    messages = site.orus("A501", 3)
+    assert [_segment(m, "OBR")[0][25] for m in messages] == ["P", "F", "C"]
+    obr = _segment(messages[1], "OBR")[0]
+    assert (obr[2], obr[3], obr[18]) == (f"{placer}^HIS", f"{filler}^RIS", "A501")
+    assert obr[32] == "D2001&王&建国"
+    assert _segment(messages[0], "OBR")[0][32] == "&赵&住院"  # the draft's author
+    assert [(s[3].split("^")[0], s[5]) for s in _segment(messages[1], "OBX")] == [
+        ("18782-3", "右侧额叶小片状T2高信号。"), ("18782-3", "中线结构居中。"), ("19005-8", "缺血灶。")]
+
+    bundles = site.reports("A501", 3)
+    assert [_report_of(b)["status"] for b in bundles] == ["preliminary", "final", "corrected"]
+    (stored,) = site.fhir.find("DiagnosticReport", ACCESSION_SYSTEM, "A501")
+    assert stored["meta"]["versionId"] == "3" and stored["conclusion"] == "缺血灶，建议随访。"
+    assert stored["issued"].startswith("2026-11-22T16:00:00+08:00")
+    study = site.fhir.resolve(stored["imagingStudy"][0]["reference"])
+    (ct,) = [s for s in study["series"] if s["modality"]["code"] == "CT"]
+    assert ct["numberOfInstances"] == 3 and ct["uid"]
+    assert {i["uid"] for i in ct["instance"]} == set(images)
+    assert {i["sopClass"]["code"] for i in ct["instance"]} == {"urn:oid:1.2.840.10008.5.1.4.1.1.2"}
+    # the SR documents are in the study the engine routed too, each its own series
+    assert [s["numberOfInstances"] for s in study["series"] if s["modality"]["code"] == "SR"] == [1, 1, 1]
+
+    report = site.viewer.get(site.api, params={"accession": "A501"}).json()[0]
+    versions = site.viewer.get(f"{site.api}/{report['id']}").json()["versions"]
+    assert [(v["status"], v["source"], v["signed_by"]["id"]) for v in versions] == [
+        ("preliminary", "sr", ""), ("final", "sr", "D2001"), ("corrected", "sr", "D2001")]
+    # the same document again (a modality's resend) adds no version
+    send_sr(site, tmp_path / "revised.dcm")
+    time.sleep(1)
+    assert len(site.viewer.get(f"{site.api}/{report['id']}").json()["versions"]) == 3
+
+
+def test_text_sr_for_an_unknown_order_is_held(site, tmp_path):
+    send_sr(site, write(text_sr(accession="A-SR-NOSUCH", findings=["所见"], impression="印象", verified=True),
+                        tmp_path / "held.dcm"))
+    deadline = time.monotonic() + 10
+    while True:
+        held = [r for r in site.viewer.get(site.api, params={"held": "true"}).json()
+                if r["accession"] == "A-SR-NOSUCH"]
+        if held or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [(r["status"], r["order_accession"]) for r in held] == [("final", None)]
+    assert not site.orus("A-SR-NOSUCH", 0, timeout=0)

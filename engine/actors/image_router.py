@@ -5,6 +5,12 @@ A received image is matched to its order by Accession Number, else by Study Inst
 one message row (no pixel data: the SOP Instance UID, what was coerced, the file) and one delivery row per
 destination the routes pick, each naming its own hard link of the file. Only then does the modality get its
 success status, so an image that was answered success is on disk and queued (journal first, ARCHITECTURE.md).
+The summary names the series and modality, so ImagingStudy can list what was routed (engine.mappings.fhir_report).
+
+A Basic / Enhanced Text SR is routed the same way and, when the source names a report_channel, is also a report:
+mapped by engine.mappings.dicom_sr_report and journaled on that channel as a second message in the same commit,
+where the channel's report_manager step keeps and sends it. A report that cannot be read or is refused is kept as
+an error message for the analyst; the document itself is still stored and routed.
 
 Runs on pynetdicom's thread: the order look-up is one short read transaction, the journal rows go through the
 group-commit writer (run_blocking).
@@ -23,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from engine import __version__
+from engine.channels.pipeline import Inbound, Outcome, ParsedBody
 from engine.clock import Clock
 from engine.config import Channel, DicomSource, Route, WorklistSettings
 from engine.errors import BadValue, EngineError, Unavailable
@@ -36,6 +43,7 @@ from engine.mappings.dicom_coercion import (
     split_header,
     tag_names,
 )
+from engine.mappings.dicom_sr_report import TYPE_LABEL, is_report, journal_text, sr_report
 from engine.mappings.dicom_worklist import CharacterProfile
 from engine.mappings.pinyin import PinyinStyle
 from engine.store.db import Store
@@ -47,6 +55,7 @@ log = logging.getLogger(__name__)
 IMPLEMENTATION_CLASS_UID = "2.25.110371568707326930992679918336563452401"  # swf-engine's, PS3.7 D.3.3.2
 IMPLEMENTATION_VERSION = f"SWF_{__version__}"[:16]
 CONTENT_TYPE = "dicom-file"
+SR_CONTENT_TYPE = "dicom-sr"  # the journal's content_type of an SR taken as a report
 MESSAGE = Message.__table__
 DELIVERY = Delivery.__table__
 
@@ -96,6 +105,7 @@ class Stored:
     matched: bool
     coerced: tuple[str, ...]
     destinations: tuple[str, ...]
+    report: Outcome | None = None  # an SR taken as a report: what its own journal message became
 
 
 def route_for(routes: Sequence[Route], destinations: Sequence[str], *, calling_ae: str, modality: str,
@@ -118,8 +128,11 @@ class ImageRouter:
     """Takes images for one dicom channel; stateless between images apart from its spool."""
 
     def __init__(self, channel: Channel, store: Store, writer: BlockingWriter, clock: Clock, spool: Spool, *,
-                 ae_title: str, names: WorklistSettings | None = None) -> None:
+                 ae_title: str, names: WorklistSettings | None = None,
+                 reports: Callable[[Session, Inbound], Outcome] | None = None) -> None:
         assert isinstance(channel.source, DicomSource)
+        # the pipelines' process: an SR's report runs its channel's steps inside the image's transaction
+        self.reports = reports if channel.source.report_channel else None
         self.channel, self.source = channel, channel.source
         self.store, self.writer, self.clock, self.spool = store, writer, clock, spool
         self.ae_title = ae_title
@@ -202,26 +215,53 @@ class ImageRouter:
         else:
             log.info("no route for image; not forwarded", extra={
                 "channel": self.channel.name, "calling_ae": image.calling_ae, "modality": header.modality})
+        series, modality = header.series_instance_uid, header.modality
         summary = "; ".join([
             f"SOP Instance UID {image.sop_instance_uid}", f"SOP Class UID {image.sop_class_uid}",
+            *([f"Series Instance UID {series}"] if series else []),
+            *([f"Modality {modality}"] if modality else []),
             f"transfer syntax {image.transfer_syntax}",
             f"order {match.order.accession}" if match else "no matching order",
             f"coerced: {', '.join(names)}" if names else "not coerced",
             f"{len(image.data)} bytes",
         ])
+        report = None
+        if self.reports is not None and is_report(image.sop_class_uid):
+            report = self._report_inbound(image, header.dataset, data, received_at)
         journal = _journal_work(self.channel.name, image, received_at, summary, match, destinations, paths,
-                                status="processed" if destinations else "filtered")
+                                status="processed" if destinations else "filtered", report=report,
+                                reports=self.reports)
         try:
-            message_id = self.writer.run_blocking(journal)
+            message_id, outcome = self.writer.run_blocking(journal)
         except BaseException:
             self.spool.remove(paths)  # not journaled: the modality is told to send again
             raise
-        return Stored(message_id, match is not None, names, tuple(destinations))
+        if outcome is not None and outcome.error is not None:
+            log.warning("SR not taken as a report", extra={
+                "channel": self.channel.name, "calling_ae": image.calling_ae, "message_id": outcome.message_id,
+                "sop_instance_uid": image.sop_instance_uid, "error": str(outcome.error)})
+        return Stored(message_id, match is not None, names, tuple(destinations), outcome)
+
+    def _report_inbound(self, image: ReceivedImage, dataset, data: bytes, received_at) -> Inbound:
+        """The SR as a report message for the report channel: its model, or why it is none."""
+        assert self.source.report_channel
+        try:
+            report = sr_report(dataset)
+        except EngineError as exc:
+            # the journal derives an error message's text from its raw bytes: a line, not the binary document
+            note = f"SR {image.sop_instance_uid} from {image.calling_ae}: {exc}".encode()
+            return Inbound(self.source.report_channel, note, image.peer, received_at, None, exc,
+                           content_type=SR_CONTENT_TYPE)
+        parsed = ParsedBody(TYPE_LABEL, journal_text(report, image.sop_instance_uid), report,
+                            sender=image.calling_ae)
+        return Inbound(self.source.report_channel, data, image.peer, received_at, parsed,
+                       content_type=SR_CONTENT_TYPE)
 
 
 def _journal_work(channel: str, image: ReceivedImage, received_at, summary: str, match: Match | None,
-                  destinations: list[str], paths: list[Path], *, status: str):
-    def work(session: Session) -> int:
+                  destinations: list[str], paths: list[Path], *, status: str, report: Inbound | None = None,
+                  reports: Callable[[Session, Inbound], Outcome] | None = None):
+    def work(session: Session) -> tuple[int, Outcome | None]:
         with session.begin_nested():
             connection = session.connection()
             message_id = connection.execute(insert(MESSAGE).returning(MESSAGE.c.id), [dict(
@@ -237,6 +277,7 @@ def _journal_work(channel: str, image: ReceivedImage, received_at, summary: str,
                     next_attempt_at=received_at, content_type=CONTENT_TYPE, payload=str(path).encode(),
                     created_at=received_at, updated_at=received_at, last_error="", response="",
                 ) for name, path in zip(destinations, paths)])
-            return message_id
+            outcome = reports(session, report) if report is not None and reports is not None else None
+            return message_id, outcome
 
     return work

@@ -9,7 +9,8 @@ sender's AE/AR or HTTP error. Decisions:
   order; every version is kept (report_version), numbered from 1.
 - Lifecycle: preliminary (repeatable: a resident revises) -> final -> corrected/amended (repeatable); any ->
   cancelled. A final changes only by correction; nothing follows cancelled; a version that repeats the newest one
-  exactly (a resend under a new control id) is accepted and adds nothing.
+  exactly (a resend under a new control id) is accepted and adds nothing. A final SR after a final version is
+  its correction: DICOM SR has no correction status.
 - No order matches: the version is kept on a held report (order_ref NULL), answered AA, nothing sent. It is linked
   by an analyst's ReportLink, or by the next version once its order exists; then every held version is sent, in
   order, so the HIS and the EMR see the whole lifecycle.
@@ -22,6 +23,7 @@ sender's AE/AR or HTTP error. Decisions:
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from itertools import groupby
 from typing import Callable, Mapping
 from zoneinfo import ZoneInfo
@@ -113,7 +115,11 @@ class ReportManager:
             session.add(row)
             session.flush()
         latest = row.versions[-1] if row.versions else None
-        if latest is not None and _same(latest, report):
+        sent = report
+        if latest is not None and report.source == "sr" and report.status == "final" and latest.status in FINAL:
+            # an SR has no correction status (PS3.3 C.17.2): a verified document after a final one revises it
+            report = replace(report, status="corrected")
+        if latest is not None and (_same(latest, report) or _same(latest, sent)):
             result.note = f"report {row.id} version {latest.version} repeated: nothing new"
             return result
         if latest is not None and report.status not in NEXT[latest.status]:

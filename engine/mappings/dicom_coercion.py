@@ -47,7 +47,7 @@ from engine.mappings.dicom_worklist import (
 SPECIFIC_CHARACTER_SET = 0x00080005
 SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
 ACCESSION_NUMBER, MODALITY, STUDY_DESCRIPTION = 0x00080050, 0x00080060, 0x00081030
-STUDY_INSTANCE_UID = 0x0020000D
+STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
 REQUEST_ATTRIBUTES_SEQUENCE = 0x00400275
 ORIGINAL_ATTRIBUTES_SEQUENCE = 0x04000561
 PIXEL_TAGS = {0x7FE00010, 0x7FE00009, 0x7FE00008}
@@ -84,6 +84,10 @@ class Header:
     @property
     def modality(self) -> str:
         return _text(self.dataset, MODALITY)
+
+    @property
+    def series_instance_uid(self) -> str:
+        return _text(self.dataset, SERIES_INSTANCE_UID)
 
 
 def _text(ds: Dataset, tag: int) -> str:

@@ -153,8 +153,9 @@ def report_bundle(order: ResultOrder, report: ReportMessage, *, report_uid: str,
         presented.append({"contentType": "application/pdf", "data": base64.b64encode(report.pdf).decode("ascii"),
                           "title": "Report (PDF)"})
     signer = report.signer
-    performer = [{"identifier": {"value": signer.id}, "display": signer.name.replace("^", " ").strip() or signer.id}] \
-        if signer.id or signer.name else []
+    performer = [{"display": signer.name.replace("^", " ").strip() or signer.id}] if signer.id or signer.name else []
+    if signer.id:  # a draft's author may come with a name only: an empty identifier does not validate
+        performer[0]["identifier"] = {"value": signer.id}
     codings = [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}]
     diagnostic: dict = {
         "resourceType": "DiagnosticReport",

@@ -1,10 +1,11 @@
 """Storage SCP: C-STORE of every storage SOP class into the image router (PS3.4 B, IHE RAD-8).
 
 Datasets are taken as encoded, in the transfer syntax the modality chose (no transcoding, pixel data never
-decoded); engine.actors.image_router coerces, spools and journals them before this edge answers. Statuses
-(PS3.4 B.2.3): 0000 success (or B000 when coerced and the channel asks for it); A700 when the spool or the journal
-cannot take the image (the modality sends it again); A900 when the dataset's SOP Class differs from the request's;
-C000 for a dataset that cannot be parsed, C001 for an image no order matches on a channel that refuses those.
+decoded); engine.actors.image_router coerces, spools and journals them (and an SR's report) before this edge
+answers. Statuses (PS3.4 B.2.3): 0000 success (or B000 when coerced and the channel asks for it); A700 when the
+spool or the journal cannot take the image (the modality sends it again); A900 when the dataset's SOP Class differs
+from the request's; C000 for a dataset that cannot be parsed, C001 for an image no order matches on a channel that
+refuses those.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def on_store(event: Event, router: ImageRouter, engine: "Engine") -> int | Datas
         log.error("image refused: %s", exc.__class__.__name__, extra={"calling_ae": calling})
         log.debug("storage failure", exc_info=True)
         return failure(0xC000, f"unable to process: {exc.__class__.__name__}")
-    if stored.destinations:
+    if stored.destinations or (stored.report is not None and stored.report.status == "processed"):
         engine.wake_dispatchers_threadsafe()
     if stored.coerced and router.source.coercion_status == "warning":
         return COERCED
@@ -118,5 +119,5 @@ def dicom_handlers(e: "Engine") -> list[tuple]:
     spool = Spool(e.data_dir / "store")
     spool.sweep_empty()
     router = ImageRouter(channel, e.store, e.writer, e.clock, spool,
-                         ae_title=e.config.dicom.ae_title, names=e.config.worklist)
+                         ae_title=e.config.dicom.ae_title, names=e.config.worklist, reports=e.pipelines.process)
     return [(evt.EVT_C_STORE, on_store, [router, e])]
