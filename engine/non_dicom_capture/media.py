@@ -13,9 +13,11 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import Malformed
+from engine.non_dicom_capture.sources import frame_rgb
 from engine.non_dicom_capture.wrap import Clip, Still
 
 MAX_WIDTH, MAX_HEIGHT, MAX_FPS = 1920, 1080, 30.0
@@ -83,16 +85,18 @@ class ClipEncoder:
         self.seen = 0
         self.frames = 0
         self.first_rgb: np.ndarray | None = None
+        self._scaler = VideoReformatter()
 
     def feed(self, frame: av.VideoFrame) -> None:
         self.seen += 1
         if (self.seen - 1) % self.step:
             return
         if self.first_rgb is None:
-            self.first_rgb = frame.to_ndarray(format="rgb24", width=min(frame.width, 320),
-                                              height=max(2, int(frame.height * min(frame.width, 320) / frame.width)))
+            self.first_rgb = frame_rgb(frame, min(frame.width, 320),
+                                       max(2, int(frame.height * min(frame.width, 320) / frame.width)))
         if frame.width != self.width or frame.height != self.height or frame.format.name != "yuv420p":
-            frame = frame.reformat(width=self.width, height=self.height, format="yuv420p")
+            # the encoder's own scaler: the frame's is shared with the threads taking stills and previews
+            frame = self._scaler.reformat(frame, width=self.width, height=self.height, format="yuv420p")
         frame.pts = self.frames
         frame.time_base = 1 / self.rate
         for packet in self.stream.encode(frame):

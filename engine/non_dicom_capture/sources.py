@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import av
+import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from engine.config import CaptureDevice
@@ -25,6 +27,16 @@ from engine.errors import EngineError
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT, READ_TIMEOUT = 5.0, 5.0
+
+
+
+def frame_rgb(frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:
+    """A decoded frame as RGB pixels, converted with a scaler of this call's own.
+
+    One frame is read by several threads at once (stills, preview, the clip encoder); PyAV's
+    `to_ndarray`/`reformat` keep one swscale context per frame, which is not safe to share between threads.
+    """
+    return VideoReformatter().reformat(frame, width=width, height=height, format="rgb24").to_ndarray()
 
 
 class SourceUnavailable(EngineError):
@@ -196,7 +208,7 @@ class FrameHub:
             frame = item.frame
             w = min(width, frame.width) // 2 * 2
             h = max(2, int(frame.height * w / frame.width) // 2 * 2)
-            rgb = frame.to_ndarray(format="rgb24", width=w, height=h)
+            rgb = frame_rgb(frame, w, h)
             buffer = io.BytesIO()
             Image.fromarray(rgb).save(buffer, format="JPEG", quality=75)
             self._preview = (item.index, buffer.getvalue())

@@ -23,7 +23,7 @@ from engine.config import CaptureStation
 from engine.errors import InvalidTransition
 from engine.non_dicom_capture import wrap
 from engine.non_dicom_capture.media import ClipEncoder, MediaError
-from engine.non_dicom_capture.sources import FrameHub, SourceUnavailable
+from engine.non_dicom_capture.sources import FrameHub, SourceUnavailable, frame_rgb
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +204,9 @@ class Station:
     def grab(self) -> tuple[np.ndarray, np.ndarray]:
         """The latest frame as RGB and as a thumbnail."""
         item = self.require_hub().latest()
-        rgb = item.frame.to_ndarray(format="rgb24")
+        rgb = frame_rgb(item.frame)
         w = min(160, item.frame.width)
-        thumb = item.frame.to_ndarray(format="rgb24", width=w, height=max(2, int(item.frame.height * w / item.frame.width)))
+        thumb = frame_rgb(item.frame, w, max(2, int(item.frame.height * w / item.frame.width)))
         return rgb, thumb
 
     def start_clip(self, now: datetime) -> None:
