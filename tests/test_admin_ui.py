@@ -298,6 +298,36 @@ def test_pause_closes_the_listener_and_start_reopens_it_reload_reports(served):
     assert 'swf_messages_total{channel="his_inbound",status="processed"}' in metrics
 
 
+def test_paused_image_and_report_channels_refuse_with_a_status_to_retry(served):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pynetdicom import AE
+
+    base, dicom_port = served["base"], served["ports"]["SWF_DICOM_PORT"]
+    admin, csrf = api_login(base, "admin")
+    headers = {"X-CSRF-Token": csrf}
+    for channel in ("image_router", "reports_api"):
+        assert admin.post(f"/api/channels/{channel}/pause", headers=headers).json()["state"] == "paused"
+    try:
+        image = Dataset()
+        image.SOPClassUID, image.SOPInstanceUID = CTImageStorage, generate_uid()
+        image.PatientID, image.AccessionNumber, image.Modality = "300101", "A2611220001", "CT"
+        image.file_meta = FileMetaDataset()
+        image.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        modality = AE(ae_title="CT01")
+        modality.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = modality.associate("127.0.0.1", dicom_port, ae_title="SWF_ENGINE")
+        assert assoc.is_established
+        status = assoc.send_c_store(image)
+        assoc.release()
+        assert status.Status == 0xA700 and "paused" in status.ErrorComment  # out of resources: send again
+        report = httpx.post(f"{base}/api/reports", json={"accession": "A2611220001", "status": "final"})
+        assert report.status_code == 503, report.text
+    finally:
+        for channel in ("image_router", "reports_api"):
+            admin.post(f"/api/channels/{channel}/start", headers=headers)
+
+
 @pytest.mark.slow
 def test_acceptance_3_schemathesis_finds_no_server_errors(served, tmp_path):
     tool = shutil.which("schemathesis") or shutil.which("st")

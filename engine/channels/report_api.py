@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from engine.channels.pipeline import Inbound, ParsedBody
 from engine.config import Channel, RestSource
-from engine.errors import BadValue, EngineError, TooLarge, Unauthenticated, UnsupportedMediaType
+from engine.errors import BadValue, EngineError, TooLarge, Unauthenticated, Unavailable, UnsupportedMediaType
 from engine.http_access import CHALLENGE, check_bearer, people, record, warn_if_open
 from engine.model import REPORT_STATUSES, CodedValue, EntityId, ReportLink, ReportMessage, Signer
 from engine.store.tables import Report, ReportVersion
@@ -207,6 +207,8 @@ def _create_endpoint(engine: "Engine", channel: Channel):
     async def create(request: Request) -> JSONResponse:
         try:
             check_bearer(request, token, channel.name)
+            if not engine.accepting(channel.name):  # paused or stopped from the admin UI: the sender retries
+                raise Unavailable(f"channel {channel.name} is {engine.channel_state.get(channel.name)}")
             body = await _body(request, source.max_body_bytes)
         except EngineError as exc:  # not read whole or not JSON at all: nothing to journal
             return _error(exc)

@@ -84,6 +84,9 @@ def on_store(event: Event, router: ImageRouter, engine: "Engine") -> int | Datas
     """EVT_C_STORE: hand the encoded dataset to the router; answer once it is on disk and journaled."""
     request = event.request
     calling = event.assoc.requestor.ae_title
+    if not engine.accepting(router.channel.name):  # paused or stopped from the admin UI
+        return failure(0xA700, f"channel {router.channel.name} is {engine.channel_state.get(router.channel.name)}; "
+                               "send again later")
     # pynetdicom's DUL thread sleeps this long whenever it finds nothing to do (1 ms by default): on a series
     # of C-STOREs that is paid several times per image. Shorter only on associations that carry images.
     event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY
