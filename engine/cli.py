@@ -20,23 +20,33 @@ def _data_dir() -> Path:
     return Path(os.environ.get("SWF_DATA_DIR") or "./var")
 
 
-def _store():
+def _migrated_store():
+    """The database of SWF_DATABASE_URL, else SQLite under SWF_DATA_DIR, at the newest schema."""
     from engine.store.db import Store, default_url
 
     data_dir = _data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
-    return Store(os.environ.get("SWF_DATABASE_URL") or default_url(data_dir))
+    store = Store(os.environ.get("SWF_DATABASE_URL") or default_url(data_dir))
+    store.migrate()
+    return store
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _load_config(args: argparse.Namespace):
+    """The validated channels file, or None after printing every problem as file:line: message."""
     from engine.config import load_config
     from engine.errors import ConfigError
 
     try:
-        config = load_config(_config_path(args))
+        return load_config(_config_path(args))
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    if config is None:
         return 1
     print(f"{args.config}: ok, {len(config.channels)} channel(s)")
     return 0
@@ -45,18 +55,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from engine import logs
     from engine.app import build_engine
-    from engine.config import load_config
-    from engine.errors import ConfigError
 
     logs.setup(os.environ.get("SWF_LOG_LEVEL", "INFO"))
-    try:
-        config = load_config(_config_path(args))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = _load_config(args)
+    if config is None:
         return 1
-    store = _store()
-    store.migrate()
+    store = _migrated_store()
     from admin_ui import ROUTERS as ADMIN_ROUTERS
     from admin_ui import people_access
     from engine.http_api import ROUTERS
@@ -152,8 +156,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     from engine.clock import Clock
     from engine.store.tables import Delivery
 
-    store = _store()
-    store.migrate()
+    store = _migrated_store()
     with store.session() as session:
         ids = list(args.ids)
         if args.all_dead:
@@ -172,19 +175,13 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 def cmd_capture_import(args: argparse.Namespace) -> int:
     from engine import logs
     from engine.app import build_engine
-    from engine.config import load_config
-    from engine.errors import ConfigError
     from engine.non_dicom_capture.importer import run_import
 
     logs.setup(os.environ.get("SWF_LOG_LEVEL", "WARNING"))
-    try:
-        config = load_config(_config_path(args))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = _load_config(args)
+    if config is None:
         return 1
-    store = _store()
-    store.migrate()
+    store = _migrated_store()
     engine = build_engine(config, store, _data_dir())
     engine.writer.start()
     try:
@@ -197,18 +194,12 @@ def cmd_capture_import(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Archive and remove journal content past its channel's retention; print what was (or would be) done."""
-    from engine.config import load_config
-    from engine.errors import ConfigError
     from engine.store.pruner import Pruner, session_writer
 
-    try:
-        config = load_config(_config_path(args))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = _load_config(args)
+    if config is None:
         return 1
-    store = _store()
-    store.migrate()
+    store = _migrated_store()
     try:
         # Small transactions of its own: safe beside a running `serve` (SQLite waits on busy_timeout).
         report = Pruner(store, _data_dir(), lambda: config, session_writer(store)).run(dry_run=args.dry_run)
@@ -240,8 +231,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
         if password != getpass.getpass("again: "):
             print("swf-engine user add: the passwords differ", file=sys.stderr)
             return 1
-    store = _store()
-    store.migrate()
+    store = _migrated_store()
     try:
         with store.session() as session:
             add_user(session, args.username, password, args.role, Clock().utcnow())

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 from engine.clock import Clock
 from engine.config import Config, Retention
 from engine.store.db import Store
+from engine.store.spool import sync_directory
 from engine.store.tables import Base, Delivery, DeliveryAttempt, Message
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ class Pruner:
             except BaseException:
                 Path(temporary).unlink(missing_ok=True)
                 raise
-            _sync_directory(directory)
+            sync_directory(directory)
             paths.append(path)
         return paths
 
@@ -369,11 +370,3 @@ def _read_file(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError:
         return None
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

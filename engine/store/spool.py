@@ -38,12 +38,12 @@ class Spool:
                 created = not directory.exists()
                 directory.mkdir(parents=True, exist_ok=True)
                 if created:
-                    _sync_directory(directory.parent)  # the new day directory itself must survive a crash
+                    sync_directory(directory.parent)  # the new day directory itself must survive a crash
                 for _ in range(self.BATCH):
                     path = directory / f"{uuid.uuid4().hex}.dcm"
                     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
                     free.append(path)
-                _sync_directory(directory)
+                sync_directory(directory)
             return free.pop()
 
     def write(self, day: str, parts: list[bytes], copies: int = 1) -> list[Path]:
@@ -68,7 +68,7 @@ class Spool:
             os.link(first, link)
             paths.append(link)
         if copies > 1:
-            _sync_directory(first.parent)  # the links are new names
+            sync_directory(first.parent)  # the links are new names
         return paths
 
     def sweep_empty(self) -> int:
@@ -93,7 +93,7 @@ class Spool:
                 pass
 
 
-def _sync_directory(directory: Path) -> None:
+def sync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
