@@ -70,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           http_routers=(*ROUTERS, *ADMIN_ROUTERS), http_people=people_access())
     # The journal writer, the event loop and pynetdicom's threads hand the GIL to each other on every
     # message; with the default 5 ms switch interval an ACK can wait a whole interval for the loop.
-    sys.setswitchinterval(float(os.environ.get("SWF_SWITCH_INTERVAL", "0.0005")))
+    sys.setswitchinterval(0.0005)
 
     async def run() -> None:
         stop = asyncio.Event()
