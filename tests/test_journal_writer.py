@@ -78,3 +78,31 @@ def test_an_item_that_breaks_the_batch_fails_alone_and_nothing_is_written_twice(
     assert job_result == "job done"
     # The failed first pass was rolled back whole: each survivor once, the job once, BAD never.
     assert sorted(stored(store)) == ["A", "B", "JOB"]
+
+
+def test_a_job_that_fails_half_way_leaves_nothing_and_its_batch_commits_without_it(store):
+    """Jobs run without savepoints of their own: one that raises after its first insert is redone in a savepoint
+    with its batch, so its half is never committed and the others' work is, once."""
+    writer = JournalWriter(store, journal_items)
+
+    def half(session):
+        JournalStatements(session.connection()).insert_messages([row("HALF")])
+        raise RuntimeError("second statement failed")
+
+    def whole(name):
+        def work(session):
+            JournalStatements(session.connection()).insert_messages([row(name)])
+            return "whole done"
+        return work
+
+    async def submit():
+        futures = [writer.submit(whole("W1")), writer.submit(half), writer.submit_item("ITEM"),
+                   writer.submit(whole("W2"))]
+        writer.start()
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    first, failed, item, last = asyncio.run(submit())
+    writer.stop()
+    assert (first, last) == ("whole done", "whole done") and isinstance(item, int)
+    assert isinstance(failed, RuntimeError)
+    assert sorted(stored(store)) == ["ITEM", "W1", "W2"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -47,8 +47,9 @@ from engine.mappings.dicom_sr_report import TYPE_LABEL, is_report, journal_text,
 from engine.mappings.dicom_worklist import CharacterProfile
 from engine.mappings.pinyin import PinyinStyle
 from engine.store.db import Store
+from engine.store.journal_sql import JournalStatements
 from engine.store.spool import Spool
-from engine.store.tables import Delivery, ImagingOrder, Message, Patient, ScheduledStep
+from engine.store.tables import ImagingOrder, Patient, ScheduledStep
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ IMPLEMENTATION_CLASS_UID = "2.25.110371568707326930992679918336563452401"  # swf
 IMPLEMENTATION_VERSION = f"SWF_{__version__}"[:16]
 CONTENT_TYPE = "dicom-file"
 SR_CONTENT_TYPE = "dicom-sr"  # the journal's content_type of an SR taken as a report
-MESSAGE = Message.__table__
-DELIVERY = Delivery.__table__
 
 
 class BlockingWriter(Protocol):
@@ -262,22 +261,21 @@ def _journal_work(channel: str, image: ReceivedImage, received_at, summary: str,
                   destinations: list[str], paths: list[Path], *, status: str, report: Inbound | None = None,
                   reports: Callable[[Session, Inbound], Outcome] | None = None):
     def work(session: Session) -> tuple[int, Outcome | None]:
-        with session.begin_nested():
-            connection = session.connection()
-            message_id = connection.execute(insert(MESSAGE).returning(MESSAGE.c.id), [dict(
-                channel=channel, received_at=received_at, peer=image.peer, content_type="dicom",
-                sender=image.calling_ae, control_id=image.sop_instance_uid[:64], message_type="C-STORE",
-                charset="", raw=b"", text=summary, status=status, accepted_key=None, ack_code="", error="",
-                patient_id=match.patient.patient_id if match else None,
-                accession=match.order.accession if match else None,
-            )]).scalar_one()
-            if destinations:
-                connection.execute(insert(DELIVERY), [dict(
-                    message_id=message_id, channel=channel, destination=name, status="queued", attempts=0,
-                    next_attempt_at=received_at, content_type=CONTENT_TYPE, payload=str(path).encode(),
-                    created_at=received_at, updated_at=received_at, last_error="", response="",
-                ) for name, path in zip(destinations, paths)])
-            outcome = reports(session, report) if report is not None and reports is not None else None
-            return message_id, outcome
+        # all or nothing without a savepoint of its own: the writer redoes a failed batch job by job
+        statements = JournalStatements(session.connection())
+        [message_id] = statements.insert_messages([dict(
+            channel=channel, received_at=received_at, peer=image.peer, content_type="dicom",
+            sender=image.calling_ae, control_id=image.sop_instance_uid[:64], message_type="C-STORE",
+            charset="", raw=b"", text=summary, status=status, accepted_key=None, ack_code="", error="",
+            patient_id=match.patient.patient_id if match else None,
+            accession=match.order.accession if match else None,
+        )])
+        statements.insert_deliveries([dict(
+            message_id=message_id, channel=channel, destination=name, status="queued", attempts=0,
+            next_attempt_at=received_at, content_type=CONTENT_TYPE, payload=str(path).encode(),
+            created_at=received_at, updated_at=received_at, last_error="", response="",
+        ) for name, path in zip(destinations, paths)])
+        outcome = reports(session, report) if report is not None and reports is not None else None
+        return message_id, outcome
 
     return work

@@ -38,7 +38,8 @@ _STOP = object()
 
 
 class _BatchFailed(Exception):
-    """The batch handler failed on the whole batch; the transaction is rolled back and redone item by item."""
+    """An item or a job failed in a batch run without savepoints; the transaction is rolled back and redone
+    with a savepoint per item and per job."""
 RACE_RETRIES = 3
 
 
@@ -68,7 +69,9 @@ class JournalWriter:
     def submit(self, work: Callable[[Session], Any]) -> asyncio.Future:
         """Queue `work(session)`; await the returned future for its result once committed.
 
-        A job must leave the session usable when it fails (use a savepoint for multi-step work).
+        A job is all or nothing: it runs without a savepoint of its own (SQLite's cost more than the statements
+        of a small job), and when one raises, its batch is rolled back and done again with each job in its own
+        savepoint, so only that one fails. A job must therefore have no effect but on the session.
         """
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -152,9 +155,17 @@ class JournalWriter:
             for job in batch:
                 if job.work is None:
                     continue
+                if not one_by_one:
+                    try:
+                        results.append((job, job.work(session), None))
+                    except Exception as exc:
+                        log.debug("journal job failed; redoing its batch one by one", exc_info=True)
+                        raise _BatchFailed from exc
+                    continue
                 try:
-                    results.append((job, job.work(session), None))
-                except Exception as exc:  # the job failed alone; its own savepoint kept others intact
+                    with session.begin_nested():
+                        results.append((job, job.work(session), None))
+                except Exception as exc:  # the job failed alone; its savepoint kept the others intact
                     log.exception("journal job failed")
                     results.append((job, None, exc))
         return results
@@ -164,7 +175,7 @@ class JournalWriter:
             try:
                 results = self._transaction(batch, one_by_one=False)
             except _BatchFailed:
-                # The failed batch was rolled back whole (jobs included): do it again, items one by one.
+                # The failed batch was rolled back whole: do it again, items and jobs one by one.
                 results = self._transaction(batch, one_by_one=True)
         except Exception as exc:
             # Nothing of this batch is on disk: every caller must answer with an error, never AA.
