@@ -194,14 +194,20 @@ class Engine:
                 self.channel_state[name] = "stopped"
         return plan.report
 
-    def wake_dispatchers(self) -> None:
-        for dispatcher in self.dispatchers:
-            dispatcher.wakeup.set()
+    def wake_dispatchers(self, *channels: str) -> None:
+        """Deliveries were queued on these channels (none named: on any): their dispatchers look now.
 
-    def wake_dispatchers_threadsafe(self) -> None:
+        Naming them matters under load: each dispatcher woken asks the journal for its queue, and an image
+        series woke every destination of every channel once per image.
+        """
+        for dispatcher in self.dispatchers:
+            if not channels or dispatcher.channel in channels:
+                dispatcher.wakeup.set()
+
+    def wake_dispatchers_threadsafe(self, *channels: str) -> None:
         """From a thread outside the event loop (pynetdicom's handlers), after a commit that queued deliveries."""
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.wake_dispatchers)
+            self.loop.call_soon_threadsafe(self.wake_dispatchers, *channels)
 
     # --- MLLP source ----------------------------------------------------------------------------
 
