@@ -190,3 +190,68 @@ def test_first_matching_route_wins_and_no_routes_means_everywhere():
 def test_unknown_sop_class_keyword_fails_validation():
     with pytest.raises(ValueError, match="unknown SOP class"):
         Route(sop_classes=["CTImageStorag"], to=["pacs"])
+
+
+def _written_whole(header) -> bytes:
+    """The header as pydicom's writer encodes the whole dataset: what join_header's copying must equal."""
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = header.transfer_syntax.is_implicit_VR, header.transfer_syntax.is_little_endian
+    write_dataset(fp, header.dataset)
+    return fp.getvalue() + header.tail
+
+
+def _with_private_and_undefined_length(ts) -> bytes:
+    ds = dcmread(BytesIO(part10(encoded(ts, charset="", name="WRONG^NAME"), sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                                sop_instance_uid="1.2.3.99", transfer_syntax=str(ts), source_ae="CT01",
+                                implementation_uid="2.25.1", implementation_version="T")))
+    ds.add_new(0x00091010, "LO", "SIEMENS CT VA0")  # private creator and two private values
+    ds.add_new(0x00091011, "LO", "ANY")
+    ds.add_new(0x00091012, "UN", b"\x01\x02\x03\x04")
+    ds.add_new(0x00180050, "DS", "1.25")
+    ds.ReferencedImageSequence = [Dataset()]
+    ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.4.5"
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    del ds.file_meta
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = ts.is_implicit_VR, ts.is_little_endian
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_an_untouched_header_leaves_byte_for_byte(ts):
+    data = _with_private_and_undefined_length(ts)
+    header = split_header(data, ts)
+    assert header.spans  # copied, not encoded again
+    assert join_header(header) == data == _written_whole(split_header(data, ts))
+
+
+@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian])
+@pytest.mark.parametrize("charset", ["GB18030", "ISO_IR 192", ""])
+@pytest.mark.parametrize("profile", [UNICODE, ASCII])
+def test_coerced_header_is_what_pydicom_writes_for_the_whole_dataset(ts, charset, profile):
+    """Copying the untouched elements gives the bytes of encoding everything, with the character set kept or
+    changed (GB18030 and ASCII text to UTF-8), private elements and sequences of undefined length."""
+    data = encoded(ts, charset=charset) if charset else _with_private_and_undefined_length(ts)
+    copied, whole = split_header(data, ts), split_header(data, ts)
+    for header in (copied, whole):
+        apply_coercion(header.dataset, coercion_values(PATIENT, ORDER, STEP, profile), fill=fill_values(ORDER, profile),
+                       charset=profile.charset, now=NOW, modifying_system="SWF_ENGINE", source="CT01")
+    joined = join_header(copied)
+    assert dcmread(BytesIO(part10(joined, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.2.3.99",
+                                  transfer_syntax=str(ts), source_ae="CT01", implementation_uid="2.25.1",
+                                  implementation_version="T"))).PatientID == "300101"
+    assert joined == _written_whole(whole)
+
+
+def test_an_element_not_where_its_tag_should_be_means_the_header_is_encoded_whole():
+    from engine.mappings.dicom_coercion import _spans
+
+    from pydicom.filereader import read_dataset
+
+    data = encoded(ExplicitVRLittleEndian, pixel_data=None)
+    assert _spans(read_dataset(BytesIO(data), False, True), data, False, True, len(data))
+    assert _spans(read_dataset(BytesIO(data), False, True), b"\x00" + data, False, True, len(data)) == {}
+    header = split_header(data, ExplicitVRLittleEndian)
+    header.spans = {}
+    assert join_header(header) == data

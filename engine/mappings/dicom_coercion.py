@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from io import BytesIO
 from typing import Sequence
@@ -29,9 +29,10 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_data_element
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
+from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR
 
 from engine.errors import Malformed, MissingField
 from engine.mappings.dicom_worklist import (
@@ -64,6 +65,9 @@ class Header:
     dataset: Dataset
     tail: bytes
     transfer_syntax: UID
+    # the header's bytes as they came, and where each element read from them lies: (element as read, start, end)
+    raw: bytes = b""
+    spans: dict[int, tuple[RawDataElement, int, int]] = field(default_factory=dict)
 
     @property
     def sop_class_uid(self) -> str:
@@ -140,6 +144,7 @@ def split_header(data: bytes, transfer_syntax: str) -> Header:
         # Reading must fail on a broken element, not warn and carry on with a half-read dataset.
         with pydicom_config.strict_reading():
             ds = read_dataset(fp, implicit, little, stop_when=_stop_at_pixels)
+            spans = _spans(ds, data, implicit, little, fp.tell())
             for element in ds._dict.values():  # raw elements as read, before any is converted
                 # pydicom keeps what is there when a value is cut short; a short value is a broken dataset here
                 if (isinstance(element, RawDataElement) and isinstance(element.value, bytes)
@@ -160,7 +165,7 @@ def split_header(data: bytes, transfer_syntax: str) -> Header:
             data[offset + 2:offset + 4], "little" if little else "big") not in PIXEL_TAGS:
         raise Malformed("dataset cannot be parsed past its header")
     _check_tail(tail, implicit, little)
-    header = Header(ds, tail, ts)
+    header = Header(ds, tail, ts, data[:offset], spans)
     if not header.sop_instance_uid:
         raise MissingField("SOP Instance UID (0008,0018) missing")
     if not header.sop_class_uid:
@@ -168,17 +173,65 @@ def split_header(data: bytes, transfer_syntax: str) -> Header:
     return header
 
 
+def _spans(ds: Dataset, data: bytes, implicit: bool, little: bool, end: int
+           ) -> dict[int, tuple[RawDataElement, int, int]]:
+    """Where each top-level element lies in the header's bytes: they are read one after another, so an element
+    ends where the next one's tag begins (its value_tell less its tag, VR and length fields). Any doubt (an
+    element not where its tag is) gives no spans: the header is then encoded whole, as before."""
+    starts: list[tuple[int, int, DataElement | RawDataElement]] = []
+    for tag, element in ds._dict.items():
+        # pydicom parses a sequence of undefined length as it reads; it keeps where the value began as file_tell
+        value_tell = element.value_tell if isinstance(element, RawDataElement) else getattr(element, "file_tell", None)
+        if value_tell is None:
+            return {}
+        vr = (element.VR or "").encode("ascii", "replace")
+        starts.append((value_tell - (8 if implicit or vr not in LONG_LENGTH_VRS else 12), tag, element))
+    starts.sort(key=lambda start: start[0])
+    order = "<HH" if little else ">HH"
+    spans: dict[int, tuple[RawDataElement, int, int]] = {}
+    for (start, tag, element), following in zip(starts, [*(s[0] for s in starts[1:]), end]):
+        if start < 0 or following > end or data[start:start + 4] != struct.pack(order, tag >> 16, tag & 0xFFFF):
+            return {}
+        if isinstance(element, RawDataElement):  # a parsed one is encoded again
+            spans[tag] = (element, start, following)
+    return spans
+
+
 def join_header(header: Header) -> bytes:
-    """The dataset again in its transfer syntax: the header re-encoded, the pixel data as it came."""
+    """The dataset again in its transfer syntax: the header re-encoded, the pixel data as it came.
+
+    An element still as it was read is copied from the bytes that came: pydicom would write the same bytes, at
+    some 30 us per element, and a CT has hundreds. Only the changed ones are encoded, and, when the character
+    set changed, the text that is not plain ASCII (it is read in the old set and written in the new one).
+    """
     ts = header.transfer_syntax
+    ds = header.dataset
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = ts.is_implicit_VR, ts.is_little_endian
-    write_dataset(fp, header.dataset)
+    respelled = ds.original_character_set != ds._character_set
+    encodings = ds.get("SpecificCharacterSet", None)  # the value, as pydicom's write_dataset takes it
+    for tag in sorted(ds._dict):
+        if tag & 0xFFFF == 0 and tag >> 16 > 6:
+            continue  # retired group lengths are not written (PS3.5 7.2), as pydicom's writer does
+        element = ds._dict[tag]
+        span = header.spans.get(tag)
+        if span is not None and span[0] is element and not (respelled and _charset_bound(element)):
+            fp.write(header.raw[span[1]:span[2]])
+        else:
+            write_data_element(fp, ds[tag] if respelled else ds.get_item(tag), encodings)
     data = fp.getvalue() + header.tail
     if ts.is_deflated:
         compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
         data = compressor.compress(data) + compressor.flush()
     return data
+
+
+def _charset_bound(element: RawDataElement) -> bool:
+    """Bytes whose meaning depends on the character set: non-ASCII text, or a sequence that may hold some."""
+    value = element.value
+    if not value or element.VR not in CUSTOMIZABLE_CHARSET_VR and element.VR not in ("SQ", "UN", None):
+        return False
+    return not value.isascii()
 
 
 def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
