@@ -374,6 +374,9 @@ class DicomDestination(Strict):
     connect_timeout_seconds: float = Field(5.0, gt=0)
     response_timeout_seconds: float = Field(60.0, gt=0)
     idle_release_seconds: float = Field(5.0, ge=0)  # release the association after this long without images
+    # C-STOREs in flight at once, each on its own association: a PACS answers only once it stored the image,
+    # so with one the engine waits out every store in turn. 1 keeps strict arrival order at the PACS.
+    associations: int = Field(2, ge=1, le=8)
     keep_sent_files: bool = False  # keep the spooled copy after the PACS stored it
     retry: RetryPolicy = RetryPolicy()
     tls: TlsClient | None = None  # DICOM over TLS (PS3.15 B.1)

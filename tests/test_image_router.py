@@ -198,6 +198,52 @@ def test_sigkill_mid_transfer_loses_no_image_that_got_success(site, tmp_path):
         orthanc.stop()
 
 
+def forwarding_processes(engine_pid: int) -> list[int]:
+    """The engine's forwarding processes (multiprocessing spawn children), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == engine_pid and b"spawn_main" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_killed_forwarding_process_is_replaced_and_every_image_arrives_once(site, tmp_path):
+    """The association to the PACS lives in a process of its own: killed mid-series, it is replaced and the
+    images it held are sent again; the modality never notices."""
+    study = write_ct_study(tmp_path / "study", 40, accession=ACCESSION, patient_name="WRONG^PATIENT",
+                           patient_id="WRONG-ID", size=256)
+    orthanc = site.orthanc().start()
+    try:
+        with site.engine() as engine:
+            site.register_order()
+            deadline = time.monotonic() + 30
+            while not (first := forwarding_processes(engine.process.pid)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(first) == 1, first
+            sender = subprocess.Popen(storescu_command(site.dicom, study.files), env=NODELAY_ENV,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            while orthanc.get("/statistics")["CountInstances"] < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            subprocess.run(["kill", "-9", str(first[0])], check=True)
+            output, _ = sender.communicate(timeout=60)
+            assert len(parse_storescu(output)) == 40, output
+            uids = orthanc.wait_for_count(40, timeout=60)
+            assert sorted(uids) == sorted(study.sop_instance_uids)
+            while any(status != "sent" for status, _ in site.deliveries()) and time.monotonic() < deadline + 30:
+                time.sleep(0.1)
+            assert [status for status, _ in site.deliveries()] == ["sent"] * 40
+            replaced = forwarding_processes(engine.process.pid)
+            assert len(replaced) == 1 and replaced != first
+        assert not site.spooled()  # each spooled copy went once its image was recorded as sent
+    finally:
+        orthanc.stop()
+
+
 def _broken_file(tmp_path: Path) -> Path:
     """A Part 10 file whose dataset declares a Patient Name longer than the data that follows."""
     uid = generate_uid()

@@ -5,6 +5,12 @@ presentation context must carry the file's own transfer syntax. Each (SOP class,
 proposed as its own context; a file needing one the open association lacks re-opens it with the larger set.
 The association stays open across images and is released after `idle_release_seconds` without one.
 
+Each destination's association lives in a forwarding process of its own. pynetdicom sends a 512 KiB image as
+some thirty PDUs, each built and sent in Python; in the engine's process that work took the GIL from the
+listener receiving the next images (about a fifth of their rate). The dispatcher stays here, with the journal:
+the forwarding process only sends a file and answers with the outcome. It ends when asked, or when the engine
+is gone (its pipe closes); one that dies or hangs is replaced, and the image it held is retried.
+
 Statuses (PS3.4 B.2.3): success and warnings (B000, B006, B007) count as stored; A7xx (out of resources), a
 lost association or no answer are retried with backoff; any other refusal is final (dead, for an analyst).
 """
@@ -12,16 +18,22 @@ lost association or no answer are retried with backoff; any other refusal is fin
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import multiprocessing
+import queue
+import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Iterator
 
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, evt
 
 from engine.channels.dispatcher import Attempt
 from engine.config import DicomDestination
-from engine.mwl.dicom_server import no_delay
+from engine.mwl.dicom_server import tune_connection
 from engine.mwl.storage_scp import DUL_LOOP_DELAY
 from engine.tls import client_context
 
@@ -29,14 +41,211 @@ log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context ids are odd numbers 1-255
 WARNINGS = {0xB000, 0xB006, 0xB007}
+STOP_SECONDS = 10.0
 
 
 class DicomSender:
-    """Sends spooled Part 10 files with C-STORE; calls are sequential (one dispatcher), run in threads."""
+    """The dispatcher's side: hands each file to the destination's forwarding process and waits for the outcome.
+
+    Calls are sequential (one dispatcher per destination); each blocks a worker thread, not the event loop.
+    The dispatcher lets arrivals collect for `gather_seconds` and hands them over as one run: a series
+    arriving image by image then costs the engine one journal query, one hand-over and one commit per run
+    rather than per image. Store-and-forward can wait that long; the modality was answered already.
+    """
+
+    gather_seconds = 0.05
 
     def __init__(self, destination: DicomDestination, *, calling_ae_title: str) -> None:
-        # Process-wide pynetdicom switch: with it, send_c_store(path) streams the file's dataset bytes instead of
-        # decoding and re-encoding the whole image. Only this sender sends C-STORE from a path.
+        self.destination = destination
+        self.calling_ae_title = calling_ae_title
+        self.sent_files: list[Path] = []
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._pipe: Connection | None = None
+        self._lock = threading.Lock()
+        # the longest one image (or a release) may take in the forwarding process before it counts as hung
+        self._deadline = (destination.connect_timeout_seconds * 2 + destination.response_timeout_seconds
+                          + destination.idle_release_seconds + 30)
+        # started now: importing pynetdicom there takes about a second, which the first image should not wait for
+        with self._lock:
+            self._started()
+
+    async def send(self, payload: bytes) -> Attempt:
+        return (await self.send_many([payload]))[0]
+
+    async def send_many(self, payloads: list[bytes]) -> list[Attempt]:
+        """Send the files; one outcome per file, in order, up to the last one tried (none after a failure but
+        those already in flight on another association)."""
+        paths = [payload.decode("utf-8") for payload in payloads]
+        attempts = await asyncio.to_thread(self._send_files, paths)
+        self.sent_files += [Path(path) for path, attempt in zip(paths, attempts) if attempt.ok]
+        return attempts
+
+    async def committed(self) -> None:
+        """The sent rows are recorded: the spooled links of what was stored can go."""
+        files, self.sent_files = self.sent_files, []
+        if files and not self.destination.keep_sent_files:
+            await asyncio.to_thread(_unlink, files)
+
+    async def idle(self) -> None:
+        """Nothing queued: the forwarding process releases the association once it has been idle long enough."""
+        if self._process is not None:
+            await asyncio.to_thread(self._release_if_idle)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._stop)
+
+    def _send_files(self, paths: list[str]) -> list[Attempt]:
+        """The forwarding process answers each file as it is done, in order, then None for the end of the run."""
+        attempts: list[Attempt] = []
+        with self._lock:
+            try:
+                pipe = self._started()
+                pipe.send(("send", paths))
+                while (attempt := self._answer(pipe)) is not None:
+                    attempts.append(attempt)
+            except (EOFError, OSError) as exc:  # it died (killed, out of memory): the next run starts another
+                self._stop_process(kill=True)
+                attempts.append(Attempt(False, error=f"the forwarding process ended ({exc.__class__.__name__}); "
+                                                     "it was restarted"))
+            except TimeoutError:
+                self._stop_process(kill=True)
+                attempts.append(Attempt(False, error="the forwarding process did not answer in time; "
+                                                     "it was restarted"))
+        return attempts[:len(paths)]
+
+    def _release_if_idle(self) -> None:
+        with self._lock:
+            if self._pipe is None:
+                return
+            try:
+                self._pipe.send(("idle", None))
+                self._answer(self._pipe)
+            except (EOFError, OSError, TimeoutError):
+                self._stop_process(kill=True)
+
+    def _answer(self, pipe: Connection):
+        if not pipe.poll(self._deadline):
+            raise TimeoutError
+        return pipe.recv()
+
+    def _started(self) -> Connection:
+        if self._process is not None and self._process.is_alive() and self._pipe is not None:
+            return self._pipe
+        self._stop_process(kill=True)
+        # spawn, not fork: the engine has threads (a forked lock held by one of them would never be released)
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=forward, name=f"forward-{self.destination.name}", daemon=True,
+            args=(theirs, self.destination, self.calling_ae_title, logging.getLogger().getEffectiveLevel()))
+        process.start()
+        theirs.close()
+        self._process, self._pipe = process, ours
+        return ours
+
+    def _stop(self) -> None:
+        with self._lock:
+            if self._process is None:
+                return
+            try:
+                assert self._pipe is not None
+                self._pipe.send(("close", None))
+                self._pipe.poll(STOP_SECONDS)
+            except (EOFError, OSError):
+                pass
+            self._stop_process(kill=False)
+
+    def _stop_process(self, *, kill: bool) -> None:
+        process, pipe = self._process, self._pipe
+        self._process = self._pipe = None
+        if pipe is not None:
+            pipe.close()
+        if process is None:
+            return
+        if kill:
+            process.kill()
+        process.join(STOP_SECONDS)
+        if process.is_alive():
+            process.kill()
+            process.join(STOP_SECONDS)
+
+
+def forward(pipe: Connection, destination: DicomDestination, calling_ae_title: str, log_level: int) -> None:
+    """The forwarding process: answer each request on `pipe` until asked to close or the engine is gone."""
+    from engine import logs
+
+    logs.setup(logging.getLevelName(log_level))
+    links = [CStoreLink(destination, calling_ae_title=calling_ae_title) for _ in range(destination.associations)]
+    free: queue.SimpleQueue[CStoreLink] = queue.SimpleQueue()
+    for link in links:
+        free.put(link)
+    with concurrent.futures.ThreadPoolExecutor(len(links), thread_name_prefix="c-store") as pool:
+        try:
+            while True:
+                try:
+                    kind, argument = pipe.recv()
+                except (EOFError, OSError):
+                    return  # the engine ended (or was killed): nothing more will be asked
+                if kind == "send":
+                    assert argument is not None
+                    for attempt in _send_run(pool, free, argument, destination.name):
+                        pipe.send(attempt)
+                    pipe.send(None)  # the run is over
+                elif kind == "idle":
+                    for link in links:
+                        link.idle()
+                    pipe.send(None)
+                else:
+                    pipe.send(None)
+                    return
+        finally:
+            for link in links:
+                link.close()
+
+
+def _send_run(pool: concurrent.futures.Executor, free: "queue.SimpleQueue[CStoreLink]", paths: list[str],
+              destination: str) -> Iterator[Attempt]:
+    """Each file on whichever association is free, outcomes in the files' order; none started after a failure.
+
+    A PACS answers a C-STORE only once it has stored the image: with one association the engine would wait
+    out each of those in turn. Files already in flight when one fails are still reported (sent or not).
+    """
+    failed = threading.Event()
+
+    def send(path: str) -> Attempt | None:
+        if failed.is_set():
+            return None
+        link = free.get()
+        try:
+            attempt = _send_file(link, path, destination)
+        finally:
+            free.put(link)
+        if not attempt.ok:
+            failed.set()
+        return attempt
+
+    for future in [pool.submit(send, path) for path in paths]:
+        attempt = future.result()
+        if attempt is None:
+            continue  # not started: behind a failure
+        yield attempt
+
+
+def _send_file(link: "CStoreLink", path: str, destination: str) -> Attempt:
+    try:
+        return link.send(Path(path))
+    except Exception as exc:  # a defect costs a retry of this image, not the process
+        log.error("C-STORE failed", exc_info=True, extra={"destination": destination})
+        link.close()
+        return Attempt(False, error=f"C-STORE failed: {exc.__class__.__name__}")
+
+
+class CStoreLink:
+    """Sends spooled Part 10 files with C-STORE over a kept association; runs in the forwarding process."""
+
+    def __init__(self, destination: DicomDestination, *, calling_ae_title: str) -> None:
+        # Switch for the forwarding process, which only sends C-STORE from a path: send_c_store(path) then
+        # streams the file's dataset bytes instead of decoding and re-encoding the whole image.
         _config.STORE_SEND_CHUNKED_DATASET = True
         self.destination = destination
         self.ae = AE(ae_title=destination.calling_ae_title or calling_ae_title)
@@ -49,14 +258,10 @@ class DicomSender:
         self.accepted: set[tuple[str, str]] = set()
         self.wanted: dict[tuple[str, str], None] = {}  # insertion-ordered: the most recent kept when over 128
         self.last_used = 0.0
-        self.sent_files: list[Path] = []
         tls = destination.tls
         self.tls_args = (client_context(tls), tls.server_name or destination.host) if tls else None
 
-    async def send(self, payload: bytes) -> Attempt:
-        return await asyncio.to_thread(self._send, Path(payload.decode("utf-8")))
-
-    def _send(self, path: Path) -> Attempt:
+    def send(self, path: Path) -> Attempt:
         try:
             meta = read_file_meta_info(path)
             pair = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
@@ -84,7 +289,6 @@ class DicomSender:
         comment = str(status.get("ErrorComment", "") or "")
         answer = f"status 0x{code:04X}" + (f" {comment}" if comment else "")
         if code == 0x0000 or code in WARNINGS:
-            self.sent_files.append(path)
             return Attempt(True, response=answer)
         if 0xA700 <= code <= 0xA7FF:
             return Attempt(False, response=answer, error=f"{self.destination.ae_title} out of resources")
@@ -102,8 +306,8 @@ class DicomSender:
         for sop_class, syntax in self.wanted:
             self.ae.add_requested_context(sop_class, syntax)
         d = self.destination
-        assoc = self.ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)],
-                                  tls_args=self.tls_args)
+        assoc = self.ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=self.tls_args,
+                                  evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
         if not assoc.is_established:
             raise ConnectionError(f"association with {d.ae_title}@{d.host}:{d.port} "
                                   f"{'rejected' if assoc.is_rejected else 'failed'}")
@@ -123,19 +327,13 @@ class DicomSender:
         else:
             assoc.abort()
 
-    async def committed(self) -> None:
-        """The sent rows are recorded: the spooled links of what was stored can go."""
-        files, self.sent_files = self.sent_files, []
-        if files and not self.destination.keep_sent_files:
-            await asyncio.to_thread(_unlink, files)
-
-    async def idle(self) -> None:
-        """Nothing queued: release the association once it has been idle long enough."""
+    def idle(self) -> None:
+        """Release the association once it has been idle long enough."""
         if self.assoc is not None and time.monotonic() - self.last_used >= self.destination.idle_release_seconds:
-            await asyncio.to_thread(self._drop, True)
+            self._drop(release=True)
 
-    async def close(self) -> None:
-        await asyncio.to_thread(self._drop, True)
+    def close(self) -> None:
+        self._drop(release=True)
 
 
 def _unlink(files: list[Path]) -> None:

@@ -25,6 +25,7 @@ from engine.tls import client_context
 log = logging.getLogger(__name__)
 
 PENDING = ("queued", "error")
+RUN_LIMIT = 32  # due deliveries handed to a sender at once (its send_many), between lease checks
 DELIVERY = Delivery.__table__
 ATTEMPT = DeliveryAttempt.__table__
 
@@ -120,6 +121,8 @@ class DestinationDispatcher:
         return [tuple(row) for row in rows]
 
     async def run(self) -> None:
+        gather = getattr(self.sender, "gather_seconds", 0.0)
+        backlog = False
         try:
             while True:
                 if self.lease is not None and not await self._hold_lease():
@@ -128,7 +131,11 @@ class DestinationDispatcher:
                     await asyncio.sleep(self.idle_poll)
                     continue
                 try:
+                    if gather and not backlog:
+                        # let a stream of arrivals collect: one query, one hand-over and one commit for several
+                        await asyncio.sleep(gather)
                     rows = await asyncio.to_thread(self._due)
+                    backlog = len(rows) >= self.batch
                     if not rows:
                         idle = getattr(self.sender, "idle", None)  # e.g. release a DICOM association
                         if idle is not None:
@@ -171,7 +178,9 @@ class DestinationDispatcher:
     async def _send_in_order(self, rows: list[tuple[int, bytes, int, datetime]]) -> None:
         sent: list[tuple[int, int, Attempt]] = []
         try:
-            for delivery_id, payload, attempts, next_at in rows:
+            position = 0
+            while position < len(rows):
+                delivery_id, _, _, next_at = rows[position]
                 wait = self._wait(delivery_id, next_at)
                 if wait > 0:
                     await self._record(sent)
@@ -181,19 +190,44 @@ class DestinationDispatcher:
                     return
                 if self.lease is not None and not await self._hold_lease():
                     return  # lost to another instance (this one stalled past its term): it resends from the head
-                attempt = await self.sender.send(payload)
-                if attempt.ok:
-                    sent.append((delivery_id, attempts + 1, attempt))
-                    continue
-                log.warning("delivery failed", extra={"channel": self.channel, "destination": self.destination.name,
-                                                      "delivery_id": delivery_id, "reason": attempt.error})
-                await self._record(sent)
-                sent = []
-                await self.writer.submit(self._failure(delivery_id, attempts + 1, attempt))
-                return
+                run = [rows[position]]
+                while (len(run) < RUN_LIMIT and position + len(run) < len(rows)
+                       and self._wait(rows[position + len(run)][0], rows[position + len(run)][3]) == 0):
+                    run.append(rows[position + len(run)])
+                attempts = await self._send_run([payload for _, payload, _, _ in run])
+                failed: tuple[int, int, Attempt] | None = None
+                for (delivery_id, _, tries, _), attempt in zip(run, attempts):
+                    if attempt.ok:  # also one sent beside the failed one, on another association
+                        sent.append((delivery_id, tries + 1, attempt))
+                    elif failed is None:
+                        failed = (delivery_id, tries + 1, attempt)
+                if failed is not None:
+                    log.warning("delivery failed", extra={"channel": self.channel,
+                                                          "destination": self.destination.name,
+                                                          "delivery_id": failed[0], "reason": failed[2].error})
+                    await self._record(sent)
+                    sent = []
+                    await self.writer.submit(self._failure(*failed))
+                    return
+                if len(attempts) < len(run):
+                    return  # the sender stopped short without a failure: ask the journal again
+                position += len(run)
         finally:
             if sent:
                 await self._record(sent)
+
+    async def _send_run(self, payloads: list[bytes]) -> list[Attempt]:
+        """Send in order, stopping after the first failure; a sender with `send_many` takes the run at once
+        (and may report files it had in flight beside a failed one)."""
+        send_many = getattr(self.sender, "send_many", None)
+        if send_many is not None:
+            return await send_many(payloads)
+        attempts: list[Attempt] = []
+        for payload in payloads:
+            attempts.append(await self.sender.send(payload))
+            if not attempts[-1].ok:
+                break
+        return attempts
 
     async def _record(self, sent: list[tuple[int, int, Attempt]]) -> None:
         """Mark a run of successful sends in one statement pair (one commit for the run)."""

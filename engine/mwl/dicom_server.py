@@ -9,6 +9,7 @@ PS3.8 9.3 / PS3.7 D.3.3 as pynetdicom implements them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.events import Event
+from pynetdicom.transport import AssociationSocket
 
 from engine.mwl import mpps_scp, mwl_scp, storage_scp, verification
 from engine.mwl.dicom_guard import AssociationGuard, start_guarded_server
@@ -31,16 +33,37 @@ ROLES: tuple[ModuleType, ...] = (verification, mwl_scp, mpps_scp, storage_scp)
 STOP_GRACE_SECONDS = 2.0
 
 
-def no_delay(event: Event) -> None:
-    """EVT_CONN_OPEN: TCP_NODELAY before the first PDU, so no response waits ~40 ms on a delayed ACK.
+def tune_connection(event: Event) -> None:
+    """EVT_CONN_OPEN, on every association in or out: TCP_NODELAY, and PDUs read whole.
 
-    A C-FIND answer is two small P-DATA-TF PDUs per match (command, then identifier); with Nagle on, the
-    second waits until the peer acknowledges the first.
+    TCP_NODELAY before the first PDU, so no response waits ~40 ms on a delayed ACK: a C-FIND answer is two
+    small P-DATA-TF PDUs per match (command, then identifier); with Nagle on, the second waits until the peer
+    acknowledges the first.
+
+    pynetdicom reads a PDU 4 KiB per socket call, growing a bytearray as it goes: 128 calls and as many GIL
+    hand-overs for each 512 KiB image. `read_exactly` asks the socket for everything still missing.
     """
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport = event.assoc.dul.socket
+    if transport is None or transport.socket is None:
+        return
+    transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport.recv = functools.partial(read_exactly, transport)
     log.debug("dicom connection", extra={"peer": f"{event.address[0]}:{event.address[1]}"})
+
+
+def read_exactly(transport: AssociationSocket, size: int) -> bytearray:
+    """AssociationSocket.recv's contract: `size` bytes, fewer only when the peer closed; socket errors raise."""
+    buffer = bytearray(size)
+    with memoryview(buffer) as view:
+        received = 0
+        while received < size:
+            count = transport.socket.recv_into(view[received:])
+            if not count:
+                break
+            received += count
+    if received < size:
+        del buffer[received:]
+    return buffer
 
 
 def build_ae(engine: "Engine", roles: Sequence[ModuleType] = ROLES) -> tuple[AE, list[tuple]]:
@@ -54,7 +77,7 @@ def build_ae(engine: "Engine", roles: Sequence[ModuleType] = ROLES) -> tuple[AE,
     ae.network_timeout = settings.network_timeout_seconds
     ae.acse_timeout = settings.network_timeout_seconds
     ae.dimse_timeout = settings.network_timeout_seconds
-    handlers: list[tuple] = [(evt.EVT_CONN_OPEN, no_delay), *AssociationGuard(settings).handlers()]
+    handlers: list[tuple] = [(evt.EVT_CONN_OPEN, tune_connection), *AssociationGuard(settings).handlers()]
     for role in roles:
         if not getattr(role, "enabled", lambda config: True)(engine.config):
             continue
