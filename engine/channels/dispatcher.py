@@ -122,7 +122,7 @@ class DestinationDispatcher:
 
     async def run(self) -> None:
         gather = getattr(self.sender, "gather_seconds", 0.0)
-        backlog = False
+        found = 0  # rows the last query returned
         try:
             while True:
                 if self.lease is not None and not await self._hold_lease():
@@ -131,11 +131,12 @@ class DestinationDispatcher:
                     await asyncio.sleep(self.idle_poll)
                     continue
                 try:
-                    if gather and not backlog:
-                        # let a stream of arrivals collect: one query, one hand-over and one commit for several
+                    if gather and found <= 1:
+                        # Arrivals come one at a time, or none: let them collect, for one query, one hand-over and
+                        # one commit per several. Behind (several found), the sender is never kept waiting.
                         await asyncio.sleep(gather)
                     rows = await asyncio.to_thread(self._due)
-                    backlog = len(rows) >= self.batch
+                    found = len(rows)
                     if not rows:
                         idle = getattr(self.sender, "idle", None)  # e.g. release a DICOM association
                         if idle is not None:
