@@ -186,18 +186,21 @@ def forward(pipe: Connection, destination: DicomDestination, calling_ae_title: s
                     kind, argument = pipe.recv()
                 except (EOFError, OSError):
                     return  # the engine ended (or was killed): nothing more will be asked
-                if kind == "send":
-                    assert argument is not None
-                    for attempt in _send_run(pool, free, argument, destination.name):
-                        pipe.send(attempt)
-                    pipe.send(None)  # the run is over
-                elif kind == "idle":
-                    for link in links:
-                        link.idle()
-                    pipe.send(None)
-                else:
-                    pipe.send(None)
-                    return
+                try:
+                    if kind == "send":
+                        assert argument is not None
+                        for attempt in _send_run(pool, free, argument, destination.name):
+                            pipe.send(attempt)
+                        pipe.send(None)  # the run is over
+                    elif kind == "idle":
+                        for link in links:
+                            link.idle()
+                        pipe.send(None)
+                    else:
+                        pipe.send(None)
+                        return
+                except OSError:
+                    return  # the engine went away while this run was sent: it sends the run again itself
         finally:
             for link in links:
                 link.close()
