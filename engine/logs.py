@@ -6,8 +6,6 @@ import json
 import logging
 import sys
 
-from pynetdicom import _config as _pynetdicom_config
-
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
 
@@ -33,6 +31,3 @@ def setup(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # pynetdicom logs whole identifiers (patient names) at INFO: keep it quieter than that.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # Its "standard" handlers format an INFO/DEBUG line for every PDU and DIMSE message (decoding the
-    # command set to do so) even when nothing below WARNING is logged: per image, work for nothing.
-    _pynetdicom_config.LOG_HANDLER_LEVEL = "none"

@@ -33,7 +33,7 @@ from pynetdicom import AE, _config, evt
 
 from engine.channels.dispatcher import Attempt
 from engine.config import DicomDestination
-from engine.mwl.dicom_server import tune_connection
+from engine.mwl.dicom_server import quiet_standard_handlers, tune_connection
 from engine.mwl.storage_scp import DUL_LOOP_DELAY
 from engine.tls import client_context
 
@@ -175,6 +175,7 @@ def forward(pipe: Connection, destination: DicomDestination, calling_ae_title: s
     from engine import logs
 
     logs.setup(logging.getLevelName(log_level))
+    quiet_standard_handlers()
     links = [CStoreLink(destination, calling_ae_title=calling_ae_title) for _ in range(destination.associations)]
     free: queue.SimpleQueue[CStoreLink] = queue.SimpleQueue()
     for link in links:

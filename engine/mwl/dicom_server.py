@@ -66,6 +66,13 @@ def read_exactly(transport: AssociationSocket, size: int) -> bytearray:
     return buffer
 
 
+def quiet_standard_handlers() -> None:
+    """pynetdicom's "standard" handlers format an INFO/DEBUG line for every PDU and DIMSE message (decoding the
+    command set to do so) even though engine.logs keeps its logger at WARNING: per image, work for nothing.
+    Process-wide; read when an association is created."""
+    _config.LOG_HANDLER_LEVEL = "none"
+
+
 def build_ae(engine: "Engine", roles: Sequence[ModuleType] = ROLES) -> tuple[AE, list[tuple]]:
     """The AE with every role's presentation contexts, and the event handlers the roles contribute."""
     settings = engine.config.dicom
@@ -96,6 +103,7 @@ async def start_dicom_server(engine: "Engine", roles: Sequence[ModuleType] = ROL
     # most of the per-response cost.
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
+    quiet_standard_handlers()
     settings = engine.config.dicom
     ae, handlers = build_ae(engine, roles)
     tls = settings.tls
