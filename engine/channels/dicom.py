@@ -231,7 +231,7 @@ def _send_run(pool: concurrent.futures.Executor, free: "queue.SimpleQueue[CStore
     for future in [pool.submit(send, path) for path in paths]:
         attempt = future.result()
         if attempt is None:
-            continue  # not started: behind a failure
+            break  # not started, behind a failure; files start in order, so none after it started either
         yield attempt
 
 
