@@ -112,3 +112,19 @@ def test_postgres_core_statements_write_what_sqlite_writes(stores, postgres):
         store.dispose()
     # PostgreSQL hands back aware datetimes (timestamptz), SQLite the UTC wall time it stored
     assert _utc_naive(on_postgres) == _utc_naive(journal(stores[0], True))
+
+
+def test_due_deliveries_read_the_same_on_both_paths(stores):
+    """A destination's pending queue, oldest first, without the sent ones; as the dispatcher reads it."""
+    store = stores[0]
+    journal(store, True)  # three deliveries, the first sent
+    with store.engine.connect() as connection:
+        statements = JournalStatements(connection)
+        direct = statements.due("his_outbound", "his", 200)
+        statements.sqlite = False
+        core = statements.due("his_outbound", "his", 200)
+        assert statements.due("his_outbound", "his", 1) == core[:1]
+        assert statements.due("his_outbound", "elsewhere", 200) == []
+    assert direct == core and len(direct) == 2
+    assert [row[0] for row in direct] == sorted(row[0] for row in direct)
+    assert direct[0][1:] == (b"MSH|^~\\&|", 0, RECEIVED.replace(tzinfo=None))

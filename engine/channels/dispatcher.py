@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import tenacity
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from engine.channels.journal_writer import JournalWriter
@@ -24,7 +24,6 @@ from engine.tls import client_context
 
 log = logging.getLogger(__name__)
 
-PENDING = ("queued", "error")
 RUN_LIMIT = 32  # due deliveries handed to a sender at once (its send_many), between lease checks
 DELIVERY = Delivery.__table__
 ATTEMPT = DeliveryAttempt.__table__
@@ -110,15 +109,10 @@ class DestinationDispatcher:
         self.lease = lease
 
     def _due(self) -> list[tuple[int, bytes, int, datetime]]:
-        with self.store.sessions() as session:
-            rows = session.execute(
-                select(Delivery.id, Delivery.payload, Delivery.attempts, Delivery.next_attempt_at)
-                .where(Delivery.channel == self.channel, Delivery.destination == self.destination.name,
-                       or_(Delivery.status == "queued", Delivery.status == "error"))
-                .order_by(Delivery.id)
-                .limit(self.batch)
-            ).all()
-        return [tuple(row) for row in rows]
+        # asked after every run of sends: on SQLite the direct statement, not an ORM session (a tenth of the
+        # engine's time under a stream of messages went to this query)
+        with self.store.engine.connect() as connection:
+            return JournalStatements(connection).due(self.channel, self.destination.name, self.batch)
 
     async def run(self) -> None:
         gather = getattr(self.sender, "gather_seconds", 0.0)

@@ -92,6 +92,21 @@ class JournalStatements:
     def insert_attempts(self, rows: list[dict[str, Any]]) -> None:
         self._insert_many(ATTEMPT, self.INSERT_ATTEMPT, ATTEMPT_COLUMNS, rows)
 
+    DUE = ("SELECT id, payload, attempts, next_attempt_at FROM delivery WHERE channel = ? AND destination = ? "
+           "AND status IN ('queued', 'error') ORDER BY id LIMIT ?")
+
+    def due(self, channel: str, destination: str, limit: int) -> list[tuple[int, bytes, int, datetime]]:
+        """A destination's pending deliveries, oldest first: (id, payload, attempts, next attempt)."""
+        if not self.sqlite:
+            rows = self.connection.execute(
+                select(DELIVERY.c.id, DELIVERY.c.payload, DELIVERY.c.attempts, DELIVERY.c.next_attempt_at)
+                .where(DELIVERY.c.channel == channel, DELIVERY.c.destination == destination,
+                       DELIVERY.c.status.in_(("queued", "error")))
+                .order_by(DELIVERY.c.id).limit(limit)).all()
+            return [tuple(row) for row in rows]
+        rows = self._cursor().execute(self.DUE, (channel, destination, limit)).fetchall()
+        return [(i, bytes(payload), attempts, datetime.fromisoformat(at)) for i, payload, attempts, at in rows]
+
     def mark_sent(self, sent: Iterable[tuple[int, int, str]], now: datetime) -> None:
         """(delivery id, attempt count, the receiver's answer) for each delivery now sent."""
         sent = list(sent)
