@@ -39,7 +39,7 @@ def sqlite_datetime(value: datetime) -> str:
 
 
 def _sqlite_values(row: dict[str, Any], columns: Sequence[str]) -> tuple:
-    return tuple(sqlite_datetime(v) if isinstance(v, datetime) else v for v in (row[c] for c in columns))
+    return tuple([sqlite_datetime(v) if isinstance(v, datetime) else v for v in map(row.__getitem__, columns)])
 
 
 class JournalStatements:
