@@ -38,8 +38,20 @@ def sqlite_datetime(value: datetime) -> str:
     return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
-def _sqlite_values(row: dict[str, Any], columns: Sequence[str]) -> tuple:
-    return tuple([sqlite_datetime(v) if isinstance(v, datetime) else v for v in map(row.__getitem__, columns)])
+def _sqlite_rows(rows: list[dict[str, Any]], columns: Sequence[str]) -> list[tuple]:
+    """Parameters for executemany; a row's times are mostly one instant (received, created, next attempt),
+    so each distinct one is formatted once."""
+    texts: dict[tuple, str] = {}
+
+    def text(value: datetime) -> str:
+        key = (value, value.utcoffset())  # one instant in two zones is two wall times
+        found = texts.get(key)
+        if found is None:
+            found = texts[key] = sqlite_datetime(value)
+        return found
+
+    return [tuple([text(v) if isinstance(v, datetime) else v for v in map(row.__getitem__, columns)])
+            for row in rows]
 
 
 class JournalStatements:
@@ -80,7 +92,7 @@ class JournalStatements:
                                              rows)
             return list(result.scalars())
         cursor = self._cursor()
-        cursor.executemany(self.INSERT_MESSAGE, [_sqlite_values(row, MESSAGE_COLUMNS) for row in rows])
+        cursor.executemany(self.INSERT_MESSAGE, _sqlite_rows(rows, MESSAGE_COLUMNS))
         # An INTEGER PRIMARY KEY takes max(id) + 1 (until 2**63 - 1), and this transaction holds SQLite's
         # only write lock, so the rows just inserted have consecutive ids ending at the last one.
         last = cursor.execute("SELECT last_insert_rowid()").fetchone()[0]
@@ -127,6 +139,6 @@ class JournalStatements:
         if not rows:
             return
         if self.sqlite:
-            self._cursor().executemany(sql, [_sqlite_values(row, columns) for row in rows])
+            self._cursor().executemany(sql, _sqlite_rows(rows, columns))
         else:
             self.connection.execute(insert(table), rows)
