@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -56,6 +57,7 @@ class JournalWriter:
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self.batches = 0
         self.jobs = 0
+        self._connection = None  # SQLite: the writer thread's own (see _session)
 
     def start(self) -> None:
         self._thread.start()
@@ -63,6 +65,9 @@ class JournalWriter:
     def stop(self) -> None:
         self._queue.put(_STOP)
         self._thread.join(timeout=30)
+        if self._connection is not None and not self._thread.is_alive():
+            self._connection.close()
+            self._connection = None
         log.info("journal writer stopped", extra={"commits": self.batches, "jobs": self.jobs,
                                                   "jobs_per_commit": round(self.jobs / max(self.batches, 1), 2)})
 
@@ -148,7 +153,7 @@ class JournalWriter:
     def _transaction(self, batch: list[_Job], *, one_by_one: bool) -> list[tuple[_Job, Any, BaseException | None]]:
         results: list[tuple[_Job, Any, BaseException | None]] = []
         items = [job for job in batch if job.work is None]
-        with self.store.session() as session:
+        with self._session() as session:
             if items:
                 handle = self._items_one_by_one if one_by_one else self._items_together
                 results += handle(session, items)
@@ -169,6 +174,24 @@ class JournalWriter:
                     log.exception("journal job failed")
                     results.append((job, None, exc))
         return results
+
+    @contextlib.contextmanager
+    def _session(self):
+        """On SQLite, a session on the writer's own connection, kept across batches (only this thread writes):
+        no pool check-out, reset and check-in per commit. Elsewhere the pool's, which checks it is alive."""
+        if not self.store.is_sqlite:
+            with self.store.session() as session:
+                yield session
+            return
+        if self._connection is None:
+            self._connection = self.store.engine.connect()
+        try:
+            with Session(bind=self._connection, expire_on_commit=False) as session, session.begin():
+                yield session
+        except BaseException:
+            connection, self._connection = self._connection, None
+            connection.close()  # whatever broke, the next batch starts on a fresh connection
+            raise
 
     def _commit(self, batch: list[_Job]) -> None:
         try:
