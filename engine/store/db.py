@@ -50,6 +50,12 @@ def lost_race(exc: BaseException) -> bool:
     return state in _RACES
 
 
+def _sqlite_begin(connection) -> None:
+    # straight to the DBAPI connection: through exec_driver_sql this one statement per commit cost about 6 % of
+    # the engine's time under an HL7 stream
+    connection.connection.driver_connection.execute("BEGIN")
+
+
 class Store:
     """Owns the SQLAlchemy engine and session factory; passed down, never global."""
 
@@ -62,7 +68,7 @@ class Store:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: SqlEngine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
-            event.listen(self.engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN"))
+            event.listen(self.engine, "begin", _sqlite_begin)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)

@@ -34,23 +34,14 @@ def _insert_sql(table: str, columns: Sequence[str]) -> str:
 
 
 def sqlite_datetime(value: datetime) -> str:
-    """The text SQLAlchemy's SQLite DATETIME type stores, so rows written either way read back the same."""
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+    """The text SQLAlchemy's SQLite DATETIME type stores, so rows written either way read back the same: the
+    wall time, without the zone (cut off rather than replaced: no new datetime per value)."""
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 def _sqlite_rows(rows: list[dict[str, Any]], columns: Sequence[str]) -> list[tuple]:
-    """Parameters for executemany; a row's times are mostly one instant (received, created, next attempt),
-    so each distinct one is formatted once."""
-    texts: dict[tuple, str] = {}
-
-    def text(value: datetime) -> str:
-        key = (value, value.utcoffset())  # one instant in two zones is two wall times
-        found = texts.get(key)
-        if found is None:
-            found = texts[key] = sqlite_datetime(value)
-        return found
-
-    return [tuple([text(v) if isinstance(v, datetime) else v for v in map(row.__getitem__, columns)])
+    """Parameters for executemany."""
+    return [tuple([sqlite_datetime(v) if isinstance(v, datetime) else v for v in map(row.__getitem__, columns)])
             for row in rows]
 
 
