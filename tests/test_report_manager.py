@@ -24,8 +24,8 @@ CLOCK = FixedClock(datetime(2026, 11, 22, 16, 0, tzinfo=timezone(timedelta(hours
 FINAL = (HL7_DIR / "30_oru_r01_final_utf8_v231.hl7").read_bytes()
 
 
-@pytest.fixture
-def site(tmp_path):
+def shipped_pipelines(tmp_path) -> tuple[Store, Pipelines]:
+    """A migrated store and the shipped channels' pipelines with the order filler and the report manager."""
     config = load_config(REPO / "channels.yaml", environ={})
     store = Store(f"sqlite:///{tmp_path / 'swf.db'}")
     store.migrate()
@@ -33,6 +33,12 @@ def site(tmp_path):
     pipelines = Pipelines(config.channels, {"order_filler": OrderFiller(),
                                             "report_manager": ReportManager(config.reports, channels)},
                           clock=CLOCK, ids=Ids(), settings={"order_filler": config.worklist})
+    return store, pipelines
+
+
+@pytest.fixture
+def site(tmp_path):
+    store, pipelines = shipped_pipelines(tmp_path)
 
     def feed(raw: bytes):
         with store.session() as session:
@@ -95,13 +101,7 @@ def test_orm_still_goes_to_the_order_filler_only(site):
 
 def test_a_verified_sr_after_a_final_is_its_correction_and_a_resend_adds_nothing(tmp_path):
     """DICOM SR has no correction status: the Report Manager makes a later final SR a C (issue 6, SR intake)."""
-    config = load_config(REPO / "channels.yaml", environ={})
-    store = Store(f"sqlite:///{tmp_path / 'swf.db'}")
-    store.migrate()
-    channels = {c.name: c for c in config.channels}
-    pipelines = Pipelines(config.channels, {"order_filler": OrderFiller(),
-                                            "report_manager": ReportManager(config.reports, channels)},
-                          clock=CLOCK, ids=Ids(), settings={"order_filler": config.worklist})
+    store, pipelines = shipped_pipelines(tmp_path)
 
     def feed(inbound: Inbound):
         with store.session() as session:

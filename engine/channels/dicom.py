@@ -35,6 +35,7 @@ from engine.channels.dispatcher import Attempt
 from engine.config import DicomDestination
 from engine.mwl.dicom_server import quiet_standard_handlers, tune_connection
 from engine.mwl.storage_scp import DUL_LOOP_DELAY
+from engine.store.spool import Spool
 from engine.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class DicomSender:
         """The sent rows are recorded: the spooled links of what was stored can go."""
         files, self.sent_files = self.sent_files, []
         if files and not self.destination.keep_sent_files:
-            await asyncio.to_thread(_unlink, files)
+            await asyncio.to_thread(Spool.remove, files)
 
     async def idle(self) -> None:
         """Nothing queued: the forwarding process releases the association once it has been idle long enough."""
@@ -338,11 +339,3 @@ class CStoreLink:
 
     def close(self) -> None:
         self._drop(release=True)
-
-
-def _unlink(files: list[Path]) -> None:
-    for path in files:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
