@@ -42,3 +42,41 @@ def test_bytes_outside_frames_are_counted_and_skipped():
 def test_gb18030_payload_bytes_pass_untouched():
     payload = "MSH|^~\\&|\rPID|1||1||區億東".encode("gb18030")
     assert FrameReader(1024).feed(frame(payload))[0].payload == payload
+
+
+def test_an_idle_connection_is_closed_and_a_busy_one_is_not():
+    """The listener closes a connection after `idle_timeout` without a byte, however long it was busy before;
+    a slow answer does not count as idle, and a sender that keeps talking is served throughout."""
+    import asyncio
+    import time
+
+    from engine.channels.mllp import MllpServer
+
+    async def answer(block, peer):
+        if block.payload == b"SLOW":
+            await asyncio.sleep(0.6)  # longer than the idle timeout, but the peer is waiting for us
+        return b"ACK " + block.payload
+
+    async def scenario():
+        server = MllpServer("127.0.0.1", 0, answer, max_bytes=1024, idle_timeout=0.4, max_connections=4)
+        await server.start()
+        port = server._server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            started = time.monotonic()
+            answers = []
+            for payload in (b"A", b"SLOW", b"B", b"C", b"D"):  # 1.2 s in all, with pauses under 0.4 s
+                writer.write(frame(payload))
+                answers.append(await reader.readuntil(b"\x1c\x0d"))
+                await asyncio.sleep(0.15)
+            busy_for = time.monotonic() - started
+            idle_started = time.monotonic()
+            closed = await asyncio.wait_for(reader.read(), timeout=5)  # EOF once the listener gives up on us
+            return answers, busy_for, time.monotonic() - idle_started, closed
+        finally:
+            await server.close()
+
+    answers, busy_for, idle_for, closed = asyncio.run(scenario())
+    assert [a.strip(b"\x0b\x1c\r") for a in answers] == [b"ACK A", b"ACK SLOW", b"ACK B", b"ACK C", b"ACK D"]
+    assert busy_for > 1.2  # served past three idle timeouts, since it never went quiet for one
+    assert closed == b"" and 0.2 < idle_for < 2.0

@@ -103,6 +103,45 @@ def set_nodelay(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class IdleWatch:
+    """Ends reads on a connection left idle for `seconds`: one timer per connection, moved on only when it
+    fires, instead of a timeout armed and disarmed around every read (about 3 % of the engine's time under an
+    HL7 stream). Time spent answering does not count as idle."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._reader_task: asyncio.Task | None = None
+        self._expired = False
+        self._timer = self._loop.call_at(self._last + seconds, self._check)
+
+    async def read(self, reader: asyncio.StreamReader) -> bytes:
+        """`reader.read`, raising TimeoutError when nothing came for `seconds`."""
+        task = self._reader_task = asyncio.current_task()
+        self._last = self._loop.time()
+        try:
+            return await reader.read(65536)
+        except asyncio.CancelledError:
+            # ours unless the task was cancelled from elsewhere too (the listener closing): that one wins
+            if self._expired and task is not None and task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            self._reader_task = None
+
+    def _check(self) -> None:
+        due = self._last + self.seconds
+        if self._reader_task is None or self._loop.time() < due:
+            self._timer = self._loop.call_at(max(due, self._loop.time() + 0.001), self._check)
+            return
+        self._expired = True
+        self._reader_task.cancel()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 # A handler takes one frame and the peer's address and returns the bytes to answer (None: no answer).
 FrameHandler = Callable[[Frame, str], Awaitable[bytes | None]]
 
@@ -183,34 +222,43 @@ class MllpServer:
 
     async def _conversation(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         framer = FrameReader(self.max_bytes)
-        while True:
-            try:
-                # asyncio.timeout, not wait_for: wait_for wraps every read in a new task, a cost per message.
-                async with asyncio.timeout(self.idle_timeout):
-                    data = await reader.read(65536)
-            except TimeoutError:
-                log.info("mllp idle timeout", extra={"channel": self.name, "peer": peer})
-                return
-            if not data:
-                if framer.mid_frame:
-                    log.warning("mllp connection closed mid-frame: block dropped", extra={"channel": self.name, "peer": peer})
-                return
-            for block in framer.feed(data):
-                answer = await self.handler(block, peer)
-                if answer is not None:
-                    writer.write(frame(answer))
-                    if writer.transport.get_write_buffer_size() > WRITE_BACKLOG:
-                        # a peer that sends but does not read its ACKs: wait for it, but not forever
-                        try:
-                            async with asyncio.timeout(self.idle_timeout):
-                                await writer.drain()
-                        except TimeoutError:
-                            log.warning("mllp peer does not read its acknowledgments: closing",
-                                        extra={"channel": self.name, "peer": peer})
-                            return
-            if framer.junk_bytes > self.max_bytes:
-                log.warning("mllp peer sends bytes outside frames: closing", extra={"channel": self.name, "peer": peer})
-                return
+        watch = IdleWatch(self.idle_timeout)
+        try:
+            while True:
+                try:
+                    data = await watch.read(reader)
+                except TimeoutError:
+                    log.info("mllp idle timeout", extra={"channel": self.name, "peer": peer})
+                    return
+                if not await self._answer_blocks(framer, data, writer, peer):
+                    return
+        finally:
+            watch.cancel()
+
+    async def _answer_blocks(self, framer: "FrameReader", data: bytes, writer: asyncio.StreamWriter,
+                             peer: str) -> bool:
+        """Answer every block completed by `data`; False when the conversation should end."""
+        if not data:
+            if framer.mid_frame:
+                log.warning("mllp connection closed mid-frame: block dropped", extra={"channel": self.name, "peer": peer})
+            return False
+        for block in framer.feed(data):
+            answer = await self.handler(block, peer)
+            if answer is not None:
+                writer.write(frame(answer))
+                if writer.transport.get_write_buffer_size() > WRITE_BACKLOG:
+                    # a peer that sends but does not read its ACKs: wait for it, but not forever
+                    try:
+                        async with asyncio.timeout(self.idle_timeout):
+                            await writer.drain()
+                    except TimeoutError:
+                        log.warning("mllp peer does not read its acknowledgments: closing",
+                                    extra={"channel": self.name, "peer": peer})
+                        return False
+        if framer.junk_bytes > self.max_bytes:
+            log.warning("mllp peer sends bytes outside frames: closing", extra={"channel": self.name, "peer": peer})
+            return False
+        return True
 
 
 class MllpClient:
