@@ -89,6 +89,21 @@ def msa(answer: bytes, codec: str = "utf-8") -> list[str]:
     raise AssertionError(f"no MSA in {answer!r}")
 
 
+def worker_processes(engine_pid: int, kind: str) -> list[int]:
+    """The engine's sending processes of one kind, by the name they give themselves: `forward` (C-STORE to a
+    PACS) or `deliver` (HL7 over MLLP)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            name = (stat.parent / "comm").read_text().strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == engine_pid and name.startswith(f"{kind}-"):
+            found.append(int(stat.parent.name))
+    return found
+
+
 class HisListener:
     """An MLLP receiver in a thread: records every message, answers AA (or what `answer` says)."""
 

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from orthanc_peer import NODELAY_ENV, Orthanc, instance_file, orthanc_binary, storescu, storescu_command, \
     parse_storescu, write_ct_study
-from peers import HL7_DIR, REPO, dcmtk_tool, free_port, mllp_exchange, msa, running_engine
+from peers import HL7_DIR, REPO, free_port, mllp_exchange, msa, running_engine, worker_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk,
               pytest.mark.skipif(orthanc_binary() is None, reason="Orthanc is not installed: run scripts/test")]
@@ -198,20 +198,6 @@ def test_sigkill_mid_transfer_loses_no_image_that_got_success(site, tmp_path):
         orthanc.stop()
 
 
-def forwarding_processes(engine_pid: int) -> list[int]:
-    """The engine's forwarding processes (multiprocessing spawn children), from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            command = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == engine_pid and b"spawn_main" in command:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def test_a_killed_forwarding_process_is_replaced_and_every_image_arrives_once(site, tmp_path):
     """The association to the PACS lives in a process of its own: killed mid-series, it is replaced and the
     images it held are sent again; the modality never notices."""
@@ -222,7 +208,7 @@ def test_a_killed_forwarding_process_is_replaced_and_every_image_arrives_once(si
         with site.engine() as engine:
             site.register_order()
             deadline = time.monotonic() + 30
-            while not (first := forwarding_processes(engine.process.pid)) and time.monotonic() < deadline:
+            while not (first := worker_processes(engine.process.pid, "forward")) and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert len(first) == 1, first
             sender = subprocess.Popen(storescu_command(site.dicom, study.files), env=NODELAY_ENV,
@@ -237,7 +223,7 @@ def test_a_killed_forwarding_process_is_replaced_and_every_image_arrives_once(si
             while any(status != "sent" for status, _ in site.deliveries()) and time.monotonic() < deadline + 30:
                 time.sleep(0.1)
             assert [status for status, _ in site.deliveries()] == ["sent"] * 40
-            replaced = forwarding_processes(engine.process.pid)
+            replaced = worker_processes(engine.process.pid, "forward")
             assert len(replaced) == 1 and replaced != first
         assert not site.spooled()  # each spooled copy went once its image was recorded as sent
     finally:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import multiprocessing
+import multiprocessing.process
 import queue
 import threading
 import time
@@ -32,6 +32,7 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, evt
 
 from engine.channels.dispatcher import Attempt
+from engine.channels.worker_process import STOP_SECONDS, end_worker, spawn_worker
 from engine.config import DicomDestination
 from engine.mwl.dicom_server import quiet_standard_handlers, tune_connection
 from engine.mwl.storage_scp import DUL_LOOP_DELAY
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context ids are odd numbers 1-255
 WARNINGS = {0xB000, 0xB006, 0xB007}
-STOP_SECONDS = 10.0
 
 
 class DicomSender:
@@ -133,16 +133,9 @@ class DicomSender:
         if self._process is not None and self._process.is_alive() and self._pipe is not None:
             return self._pipe
         self._stop_process(kill=True)
-        # spawn, not fork: the engine has threads (a forked lock held by one of them would never be released)
-        context = multiprocessing.get_context("spawn")
-        ours, theirs = context.Pipe()
-        process = context.Process(
-            target=forward, name=f"forward-{self.destination.name}", daemon=True,
-            args=(theirs, self.destination, self.calling_ae_title, logging.getLogger().getEffectiveLevel()))
-        process.start()
-        theirs.close()
-        self._process, self._pipe = process, ours
-        return ours
+        self._process, self._pipe = spawn_worker(forward, f"forward-{self.destination.name}", self.destination,
+                                                 self.calling_ae_title)
+        return self._pipe
 
     def _stop(self) -> None:
         with self._lock:
@@ -159,16 +152,7 @@ class DicomSender:
     def _stop_process(self, *, kill: bool) -> None:
         process, pipe = self._process, self._pipe
         self._process = self._pipe = None
-        if pipe is not None:
-            pipe.close()
-        if process is None:
-            return
-        if kill:
-            process.kill()
-        process.join(STOP_SECONDS)
-        if process.is_alive():
-            process.kill()
-            process.join(STOP_SECONDS)
+        end_worker(process, pipe, kill=kill)
 
 
 def forward(pipe: Connection, destination: DicomDestination, calling_ae_title: str, log_level: int) -> None:

@@ -12,15 +12,12 @@ from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from engine.channels.journal_writer import JournalWriter
-from engine.channels.mllp import MllpClient
 from engine.clock import Clock
 from engine.config import DicomDestination, FhirDestination, MllpDestination, RetryPolicy
-from engine.mappings.ack import ack_code_of
 from engine.store.db import Store
 from engine.store.journal_sql import JournalStatements
 from engine.store.leases import Lease
 from engine.store.tables import Delivery, DeliveryAttempt
-from engine.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -48,37 +45,6 @@ def backoff_seconds(policy: RetryPolicy, attempt_number: int) -> float:
     return float(wait(state))
 
 
-class MllpSender:
-    """Delivers HL7 bytes over a kept MLLP connection and judges the ACK by the destination's policy."""
-
-    def __init__(self, destination: MllpDestination) -> None:
-        self.destination = destination
-        tls = destination.tls
-        self.client = MllpClient(destination.host, destination.port,
-                                 connect_timeout=destination.connect_timeout_seconds,
-                                 answer_timeout=destination.ack_timeout_seconds,
-                                 ssl_context=client_context(tls) if tls else None,
-                                 server_hostname=tls.server_name if tls else None)
-
-    async def send(self, payload: bytes) -> Attempt:
-        try:
-            answer = await self.client.send(payload)
-        except asyncio.TimeoutError:
-            return Attempt(False, error="no ACK within the timeout")
-        except (OSError, ConnectionError) as exc:
-            return Attempt(False, error=f"connection failed: {exc.__class__.__name__}: {exc.strerror or exc}"
-                           if isinstance(exc, OSError) else f"connection failed: {exc}")
-        text = answer.decode("utf-8", errors="replace")
-        code = ack_code_of(text)
-        if code in ("AA", "CA"):
-            return Attempt(True, response=text)
-        reason = f"receiver answered {code or 'without MSA'}"
-        return Attempt(False, response=text, error=reason, retry=self.destination.on_negative_ack == "retry")
-
-    async def close(self) -> None:
-        await self.client.close()
-
-
 def sender_for(destination: MllpDestination | DicomDestination, *, calling_ae_title: str = "SWF_ENGINE"):
     """The connector for a destination's type: HL7 over MLLP, C-STORE of spooled files, or FHIR Bundles."""
     if isinstance(destination, DicomDestination):
@@ -89,6 +55,8 @@ def sender_for(destination: MllpDestination | DicomDestination, *, calling_ae_ti
         from engine.channels.fhir_out import FhirSender  # imports this module: Attempt
 
         return FhirSender(destination)
+    from engine.channels.mllp_delivery import MllpSender  # imports this module: Attempt
+
     return MllpSender(destination)
 
 
