@@ -263,11 +263,21 @@ class JournalWriter:
             results = [(job, None, failure) for job in batch]
         self.batches += 1
         self.jobs += len(batch)
+        # One wake-up per event loop for the whole batch: each call_soon_threadsafe writes to the loop's
+        # self-pipe, and each write let the event loop take the GIL from this thread.
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for job, value, error in results:
             if job.loop is None:
                 _resolve(job.future, value, error)
             else:
-                job.loop.call_soon_threadsafe(_resolve, job.future, value, error)
+                by_loop.setdefault(job.loop, []).append((job.future, value, error))
+        for loop, outcomes in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, outcomes)
+
+
+def _resolve_all(outcomes: list) -> None:
+    for future, value, error in outcomes:
+        _resolve(future, value, error)
 
 
 def _resolve(future: asyncio.Future | concurrent.futures.Future, value: Any, error: BaseException | None) -> None:

@@ -89,18 +89,19 @@ class Pipelines:
         """Journal one inbound message and run its channel; never raises for bad input."""
         return self.process_batch(session, [inbound])[0]
 
-    def process_batch(self, session: Session, inbounds: list[Inbound]) -> list[Outcome]:
+    def process_batch(self, session: Session, inbounds: list["Inbound | Plan"]) -> list[Outcome]:
         """Journal a batch in a few statements: one duplicate look-up, one insert, one delivery insert.
 
+        Items may come planned already (`plan`, on the event loop while the writer commits the batch before).
         Actor steps still run one message at a time, each in its own savepoint, so a rejected
         message changes nothing while the rest of the batch commits.
         """
         statements = JournalStatements(session.connection())
-        plans = [self._plan(inbound) for inbound in inbounds]
+        plans = [item if isinstance(item, Plan) else self.plan(item) for item in inbounds]
         keys = [plan.key for plan in plans if plan.key and plan.status != "error"]
         earlier = statements.accepted(keys)
-        first_in_batch: dict[str, _Plan] = {}
-        fresh: list[_Plan] = []
+        first_in_batch: dict[str, Plan] = {}
+        fresh: list[Plan] = []
         for plan in plans:
             if plan.key and plan.status != "error":
                 if plan.key in earlier:
@@ -112,7 +113,7 @@ class Pipelines:
                 first_in_batch[plan.key] = plan
             fresh.append(plan)
         if fresh:
-            ids = statements.insert_messages([self._message_row(plan) for plan in fresh])
+            ids = statements.insert_messages([plan.row for plan in fresh])
             for plan, message_id in zip(fresh, ids):
                 plan.message_id = message_id
         relay_rows = []
@@ -122,23 +123,38 @@ class Pipelines:
             if plan.actor_steps:
                 self._run_actors(session, plan)
             else:
-                relay_rows += self._relay_rows(plan)
+                for row in plan.relay:
+                    row["message_id"] = plan.message_id
+                relay_rows += plan.relay
         statements.insert_deliveries(relay_rows)
         return [plan.outcome() for plan in plans]
 
-    def _plan(self, inbound: Inbound) -> "_Plan":
+    def plan(self, inbound: Inbound) -> "Plan":
+        """What the journal will do with a message, short of the database: its row, its relay deliveries.
+
+        Pure, so the event loop makes it while the journal writer commits the batch before: the writer, which
+        every message waits on in turn, then only runs the statements. Raises only as encoding a relayed copy
+        for a destination's charset does.
+        """
+        plan = self._plan(inbound)
+        plan.row = self._message_row(plan)
+        if plan.status == "processed" and not plan.actor_steps:
+            plan.relay = self._relay_rows(plan)
+        return plan
+
+    def _plan(self, inbound: Inbound) -> "Plan":
         """The pure part: decode outcome, filters and field edits; no database."""
         channel = self.channels[inbound.channel]
         decoded = inbound.decoded
         if decoded is None:
-            return _Plan(inbound, channel, status="error", error=inbound.error or EngineError("undecodable message"))
+            return Plan(inbound, channel, status="error", error=inbound.error or EngineError("undecodable message"))
         if isinstance(decoded, ParsedBody):  # no control id: the actor keeps a resent resource idempotent
-            plan = _Plan(inbound, channel, status="processed", text=decoded.text)
+            plan = Plan(inbound, channel, status="processed", text=decoded.text)
         else:
             header = decoded.header
-            plan = _Plan(inbound, channel, status="processed",
-                         key=None if inbound.replay else accepted_key(channel.name, header.sender, header.control_id),
-                         text=decoded.text)
+            plan = Plan(inbound, channel, status="processed",
+                        key=None if inbound.replay else accepted_key(channel.name, header.sender, header.control_id),
+                        text=decoded.text)
         try:
             for step in channel.steps:
                 if isinstance(step, FilterStep) and not self._passes(step, decoded):
@@ -157,7 +173,7 @@ class Pipelines:
             plan.status, plan.error = "error", exc
         return plan
 
-    def _run_actors(self, session: Session, plan: "_Plan") -> None:
+    def _run_actors(self, session: Session, plan: "Plan") -> None:
         assert plan.inbound.decoded is not None and plan.message_id is not None
         try:
             for attempt in range(RACE_RETRIES + 1):
@@ -194,7 +210,7 @@ class Pipelines:
         label = _type_label(decoded)
         return any(fnmatch.fnmatchcase(label, pattern) for pattern in step.message_types)
 
-    def _run_actor(self, session: Session, step: ActorStep, plan: "_Plan") -> None:
+    def _run_actor(self, session: Session, step: ActorStep, plan: "Plan") -> None:
         decoded = plan.inbound.decoded
         assert decoded is not None and plan.message_id is not None
         ctx = ActorContext(channel=plan.channel.name, message_id=plan.message_id, clock=self.clock, ids=self.ids,
@@ -215,10 +231,11 @@ class Pipelines:
                     d for d in target.destinations if d.name in outbound.destinations]})
             self.enqueue(session, target, plan.message_id, outbound)
 
-    def _relay_rows(self, plan: "_Plan") -> list[dict]:
-        """A channel without an actor relays what it received, as transformed by its steps."""
+    def _relay_rows(self, plan: "Plan") -> list[dict]:
+        """A channel without an actor relays what it received, as transformed by its steps (message_id is set
+        once the message has its id)."""
         decoded = plan.inbound.decoded
-        assert decoded is not None and plan.message_id is not None
+        assert decoded is not None
         now = self.clock.utcnow()
         rows = []
         for destination in plan.channel.destinations:
@@ -244,7 +261,7 @@ class Pipelines:
             session.connection().execute(insert(DELIVERY), rows)
 
     @staticmethod
-    def _message_row(plan: "_Plan") -> dict:
+    def _message_row(plan: "Plan") -> dict:
         inbound = plan.inbound
         decoded = inbound.decoded
         header = decoded.header if isinstance(decoded, DecodedMessage) else None
@@ -270,7 +287,7 @@ class Pipelines:
 
 
 @dataclass
-class _Plan:
+class Plan:
     """One message's way through the batch."""
 
     inbound: Inbound
@@ -284,7 +301,9 @@ class _Plan:
     result: ActorResult = field(default_factory=ActorResult)
     message_id: int | None = None
     duplicate_of: tuple[int, str] | None = None
-    same_as: "_Plan | None" = None
+    same_as: "Plan | None" = None
+    row: dict = field(default_factory=dict)  # its message row
+    relay: list[dict] = field(default_factory=list)  # a relay channel's delivery rows
 
     def outcome(self) -> Outcome:
         if self.duplicate_of is not None:

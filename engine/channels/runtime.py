@@ -232,7 +232,7 @@ class Engine:
             decoded_for_journal = decoded if error is None else None
         inbound = Inbound(channel.name, block.payload, peer, received_at, decoded_for_journal, error)
         try:
-            outcome: Outcome = await self.writer.submit_item(inbound)
+            outcome: Outcome = await self.writer.submit_item(self.pipelines.plan(inbound))
         except EngineError as exc:
             return self._answer(channel, decoded, exc.ack, exc)
         except Exception:
