@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import tenacity
 from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
+from engine.channels.attempt import Attempt
 from engine.channels.journal_writer import JournalWriter
 from engine.clock import Clock
 from engine.config import DicomDestination, FhirDestination, MllpDestination, RetryPolicy
@@ -24,16 +24,6 @@ log = logging.getLogger(__name__)
 RUN_LIMIT = 32  # due deliveries handed to a sender at once (its send_many), between lease checks
 DELIVERY = Delivery.__table__
 ATTEMPT = DeliveryAttempt.__table__
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """The outcome of one send: `ok`, or why not and whether trying again can help."""
-
-    ok: bool
-    response: str = ""
-    error: str = ""
-    retry: bool = True
 
 
 def backoff_seconds(policy: RetryPolicy, attempt_number: int) -> float:

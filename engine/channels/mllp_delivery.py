@@ -15,7 +15,7 @@ import logging
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from engine.channels.dispatcher import Attempt
+from engine.channels.attempt import Attempt
 from engine.channels.mllp import MllpClient
 from engine.channels.worker_process import end_worker, spawn_worker
 from engine.config import MllpDestination
