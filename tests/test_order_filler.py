@@ -190,6 +190,41 @@ def test_story_through_the_pipeline(store):
     assert (outcome.ack_code, outcome.error.err, outcome.error.location) == ("AE", 205, "ORC^1^2")
 
 
+def test_planned_messages_redone_one_by_one_carry_nothing_over_from_the_failed_pass(store):
+    """Messages planned on the event loop, in a batch that fails for another job's sake: the batch is redone
+    one by one from the same plans, which the first pass must not have changed (ids, actor results)."""
+    import asyncio
+
+    from engine.actors.base import ActorResult
+    from engine.channels.journal_writer import JournalWriter
+
+    channel = Channel(name="his", source=MllpSource(type="mllp", port=2575, fallback_charset="gb18030"),
+                      steps=[ActorStep(type="actor", actor="order_filler")])
+    pipelines = Pipelines([channel], {"order_filler": OrderFiller()}, clock=CLOCK, ids=Ids(UID_ROOT),
+                          settings={"order_filler": SETTINGS})
+    writer = JournalWriter(store, pipelines.process_batch)
+    raws = [(HL7 / name).read_bytes() for name in ("01_adt_a04_utf8_v231.hl7", "02_orm_o01_nw_utf8_v231.hl7")]
+    plans = [pipelines.plan(Inbound("his", raw, "test", CLOCK.utcnow(), decode(raw))) for raw in raws]
+
+    def broken(session):
+        raise RuntimeError("a job that fails")
+
+    async def submit():
+        futures = [writer.submit_item(plan) for plan in plans] + [writer.submit(broken)]
+        writer.start()  # all queued first: one batch, which fails, then one by one
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    *outcomes, failure = asyncio.run(submit())
+    writer.stop()
+    assert isinstance(failure, RuntimeError)
+    assert [(o.ack_code, o.status) for o in outcomes] == [("AA", "processed")] * 2, outcomes
+    assert outcomes[1].result.accession == "A2611220001" and outcomes[1].result.created
+    assert all(plan.message_id is None and plan.result == ActorResult() for plan in plans)
+    assert counts(store) == (1, 1, 1)
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(Message)) == 2
+
+
 # --- idempotency and decisions -----------------------------------------------------------------------------
 
 def test_repeated_nw_is_accepted_unchanged_and_different_nw_is_duplicate(store):

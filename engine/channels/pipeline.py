@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Mapping
 
@@ -97,7 +97,10 @@ class Pipelines:
         message changes nothing while the rest of the batch commits.
         """
         statements = JournalStatements(session.connection())
-        plans = [item if isinstance(item, Plan) else self.plan(item) for item in inbounds]
+        # A planned item is copied, never changed: a batch that fails is redone from the same items, and this
+        # pass's ids, duplicates and actor results must not carry over into that one.
+        plans = [replace(item, result=ActorResult()) if isinstance(item, Plan) else self.plan(item)
+                 for item in inbounds]
         keys = [plan.key for plan in plans if plan.key and plan.status != "error"]
         earlier = statements.accepted(keys)
         first_in_batch: dict[str, Plan] = {}
