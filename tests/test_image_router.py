@@ -184,7 +184,9 @@ def test_sigkill_mid_transfer_loses_no_image_that_got_success(site, tmp_path):
             engine.kill()
             output, _ = sender.communicate(timeout=60)
         succeeded = parse_storescu(output)
-        assert 15 <= len(succeeded) < 60, output
+        # killed mid-series: 15 journaled, of which the last may not have been answered yet (storescu waits for
+        # each answer, so only one image at a time is between commit and response)
+        assert 14 <= len(succeeded) < 60, output
         by_file = dict(zip(study.files, study.sop_instance_uids))
         answered = {by_file[path] for path in succeeded}
         with site.engine():  # restart on the same data: the journal's queue goes on
