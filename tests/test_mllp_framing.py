@@ -51,6 +51,7 @@ def test_an_idle_connection_is_closed_and_a_busy_one_is_not():
     import time
 
     from engine.channels.mllp import MllpServer
+    from peers import free_port
 
     async def answer(block, peer):
         if block.payload == b"SLOW":
@@ -58,9 +59,9 @@ def test_an_idle_connection_is_closed_and_a_busy_one_is_not():
         return b"ACK " + block.payload
 
     async def scenario():
-        server = MllpServer("127.0.0.1", 0, answer, max_bytes=1024, idle_timeout=0.4, max_connections=4)
+        port = free_port()
+        server = MllpServer("127.0.0.1", port, answer, max_bytes=1024, idle_timeout=0.4, max_connections=4)
         await server.start()
-        port = server._server.sockets[0].getsockname()[1]
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             started = time.monotonic()

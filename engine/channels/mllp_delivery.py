@@ -17,7 +17,7 @@ from multiprocessing.process import BaseProcess
 
 from engine.channels.attempt import Attempt
 from engine.channels.mllp import MllpClient
-from engine.channels.worker_process import end_worker, spawn_worker
+from engine.channels.worker_process import end_worker, pipe_messages, spawn_worker
 from engine.config import MllpDestination
 from engine.mappings.ack import ack_code_of
 from engine.tls import client_context
@@ -120,18 +120,8 @@ class MllpSender:
             return self._pipe
         self._forget()
         process, pipe = spawn_worker(deliver, f"deliver-{self.destination.name}", self.destination)
-        loop = asyncio.get_running_loop()
-        answers: asyncio.Queue = asyncio.Queue()
-
-        def readable() -> None:
-            try:
-                answers.put_nowait(pipe.recv())
-            except (EOFError, OSError):
-                loop.remove_reader(pipe.fileno())
-                answers.put_nowait(_ENDED)
-
-        loop.add_reader(pipe.fileno(), readable)
-        self._process, self._pipe, self._answers, self._loop = process, pipe, answers, loop
+        self._answers = pipe_messages(pipe, _ENDED)
+        self._process, self._pipe, self._loop = process, pipe, asyncio.get_running_loop()
         return pipe
 
     def _forget(self) -> tuple[BaseProcess | None, Connection | None]:
@@ -167,17 +157,7 @@ def deliver(pipe: Connection, destination: MllpDestination, log_level: int) -> N
 
 
 async def _deliver_runs(pipe: Connection, link: MllpLink) -> None:
-    loop = asyncio.get_running_loop()
-    requests: asyncio.Queue = asyncio.Queue()
-
-    def readable() -> None:
-        try:
-            requests.put_nowait(pipe.recv())
-        except (EOFError, OSError):  # the engine ended (or was killed): nothing more will be asked
-            loop.remove_reader(pipe.fileno())
-            requests.put_nowait(None)
-
-    loop.add_reader(pipe.fileno(), readable)
+    requests = pipe_messages(pipe, None)  # None: the engine ended (or was killed), nothing more will be asked
     try:
         while (request := await requests.get()) is not None:
             kind, payloads = request

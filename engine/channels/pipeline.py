@@ -126,9 +126,7 @@ class Pipelines:
             if plan.actor_steps:
                 self._run_actors(session, plan)
             else:
-                for row in plan.relay:
-                    row["message_id"] = plan.message_id
-                relay_rows += plan.relay
+                relay_rows += [{**row, "message_id": plan.message_id} for row in plan.relay]
         statements.insert_deliveries(relay_rows)
         return [plan.outcome() for plan in plans]
 

@@ -7,6 +7,7 @@ dispatcher stays in the engine, and a worker process only sends and answers with
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 from multiprocessing.connection import Connection
@@ -53,3 +54,20 @@ def end_worker(process: BaseProcess | None, pipe: Connection | None, *, kill: bo
     if process.is_alive():
         process.kill()
         process.join(STOP_SECONDS)
+
+
+def pipe_messages(pipe: Connection, ended: Any) -> asyncio.Queue:
+    """What arrives on `pipe`, in a queue of the running event loop, read as the pipe becomes readable (no thread
+    waits on it); `ended` once the other side has closed it or gone."""
+    loop = asyncio.get_running_loop()
+    messages: asyncio.Queue = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            messages.put_nowait(pipe.recv())
+        except (EOFError, OSError):
+            loop.remove_reader(pipe.fileno())
+            messages.put_nowait(ended)
+
+    loop.add_reader(pipe.fileno(), readable)
+    return messages
