@@ -347,6 +347,33 @@ def test_tcp_nodelay_on_accepted_sockets(server):
     assert elapsed < 2.0, f"{len(answer.responses)} responses took {elapsed:.2f} s"
 
 
+def test_idle_association_waits_for_news_instead_of_polling(server):
+    """An open, idle association costs the listener a look every 50 ms, not thousands (pynetdicom's DUL checks
+    its socket every 1 ms, or 0.2 ms as the engine had it for images); a request after the idle second is
+    answered at once, and the association's end closes the DUL's wake-up sockets."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    before = {t for t in threading.enumerate() if isinstance(t, Association)}
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=AET)
+    assert assoc.is_established
+    try:
+        [acceptor] = [t for t in threading.enumerate()
+                      if isinstance(t, Association) and t.is_acceptor and t not in before]
+        wait = acceptor.dul.swf_wait
+        looks = []
+        check = wait._check
+        wait._check = lambda: looks.append(1) or check()
+        time.sleep(1.0)
+        assert 5 <= len(looks) <= 100, f"{len(looks)} socket checks in an idle second"
+        for _ in range(20):
+            assert assoc.send_c_echo().Status == 0
+    finally:
+        assoc.release()
+    acceptor.join(5)
+    assert not acceptor.is_alive()
+    assert wait._bell.fileno() == -1 and wait._ringer.fileno() == -1
+
+
 @pytest.mark.slow
 def test_serve_starts_the_dicom_listener(tmp_path):
     """`swf-engine serve` with the shipped channels.yaml answers C-ECHO and an empty worklist (issue 3 wiring)."""

@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Iterator
 
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config
 
 from engine.channels.dispatcher import Attempt
 from engine.channels.worker_process import STOP_SECONDS, end_worker, spawn_worker
 from engine.config import DicomDestination
-from engine.mwl.dicom_server import quiet_standard_handlers, tune_connection
-from engine.mwl.storage_scp import DUL_LOOP_DELAY
+from engine.mwl.dicom_server import TUNING, quiet_standard_handlers
 from engine.store.spool import Spool
 from engine.tls import client_context
 
@@ -296,11 +295,10 @@ class CStoreLink:
             self.ae.add_requested_context(sop_class, syntax)
         d = self.destination
         assoc = self.ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=self.tls_args,
-                                  evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
+                                  evt_handlers=TUNING)
         if not assoc.is_established:
             raise ConnectionError(f"association with {d.ae_title}@{d.host}:{d.port} "
                                   f"{'rejected' if assoc.is_rejected else 'failed'}")
-        assoc.dul._run_loop_delay = DUL_LOOP_DELAY  # see engine.mwl.storage_scp: each response waits on it
         self.assoc = assoc
         self.accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
         self.last_used = time.monotonic()

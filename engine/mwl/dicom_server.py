@@ -22,6 +22,7 @@ from pynetdicom.transport import AssociationSocket
 
 from engine.mwl import mpps_scp, mwl_scp, storage_scp, verification
 from engine.mwl.dicom_guard import AssociationGuard, start_guarded_server
+from engine.mwl.dul_wait import DulWait
 from engine.tls import AddressList, server_context
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ STOP_GRACE_SECONDS = 2.0
 
 
 def tune_connection(event: Event) -> None:
-    """EVT_CONN_OPEN, on every association in or out: TCP_NODELAY, and PDUs read whole.
+    """EVT_CONN_OPEN, on every association in or out: TCP_NODELAY, PDUs read whole, a DUL that waits for news.
 
     TCP_NODELAY before the first PDU, so no response waits ~40 ms on a delayed ACK: a C-FIND answer is two
     small P-DATA-TF PDUs per match (command, then identifier); with Nagle on, the second waits until the peer
@@ -42,13 +43,27 @@ def tune_connection(event: Event) -> None:
 
     pynetdicom reads a PDU 4 KiB per socket call, growing a bytearray as it goes: 128 calls and as many GIL
     hand-overs for each 512 KiB image. `read_exactly` asks the socket for everything still missing.
+
+    The DUL thread blocks until a PDU or a primitive comes instead of polling (engine.mwl.dul_wait); the
+    association's end (`end_connection`, EVT_CONN_CLOSE) closes what that needs.
     """
     transport = event.assoc.dul.socket
     if transport is None or transport.socket is None:
         return
     transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport.recv = functools.partial(read_exactly, transport)
+    event.assoc.dul.swf_wait = DulWait(event.assoc.dul)
     log.debug("dicom connection", extra={"peer": f"{event.address[0]}:{event.address[1]}"})
+
+
+def end_connection(event: Event) -> None:
+    """EVT_CONN_CLOSE, wherever tune_connection is the EVT_CONN_OPEN handler."""
+    wait = getattr(event.assoc.dul, "swf_wait", None)
+    if wait is not None:
+        wait.close()
+
+
+TUNING = [(evt.EVT_CONN_OPEN, tune_connection), (evt.EVT_CONN_CLOSE, end_connection)]
 
 
 def read_exactly(transport: AssociationSocket, size: int) -> bytearray:
@@ -84,7 +99,7 @@ def build_ae(engine: "Engine", roles: Sequence[ModuleType] = ROLES) -> tuple[AE,
     ae.network_timeout = settings.network_timeout_seconds
     ae.acse_timeout = settings.network_timeout_seconds
     ae.dimse_timeout = settings.network_timeout_seconds
-    handlers: list[tuple] = [(evt.EVT_CONN_OPEN, tune_connection), *AssociationGuard(settings).handlers()]
+    handlers: list[tuple] = [*TUNING, *AssociationGuard(settings).handlers()]
     for role in roles:
         if not getattr(role, "enabled", lambda config: True)(engine.config):
             continue

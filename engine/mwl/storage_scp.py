@@ -57,7 +57,6 @@ TRANSFER_SYNTAXES = [
     JPEG2000Lossless, JPEG2000, RLELossless, MPEG2MPML, MPEG4HP41, MPEG4HP41BD,
 ]
 SUCCESS, COERCED = 0x0000, 0xB000
-DUL_LOOP_DELAY = 0.0002
 
 
 def enabled(config: Config) -> bool:
@@ -87,9 +86,6 @@ def on_store(event: Event, router: ImageRouter, engine: "Engine") -> int | Datas
     if not engine.accepting(router.channel.name):  # paused or stopped from the admin UI
         return failure(0xA700, f"channel {router.channel.name} is {engine.channel_state.get(router.channel.name)}; "
                                "send again later")
-    # pynetdicom's DUL thread sleeps this long whenever it finds nothing to do (1 ms by default): on a series
-    # of C-STOREs that is paid several times per image. Shorter only on associations that carry images.
-    event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY
     try:
         image = ReceivedImage(
             calling_ae=calling, peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
