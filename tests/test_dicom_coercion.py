@@ -27,6 +27,7 @@ from engine.errors import Malformed, MissingField
 from engine.actors.image_router import route_for
 from engine.mappings.dicom_coercion import (
     apply_coercion,
+    coerce_header,
     coercion_values,
     fill_values,
     join_header,
@@ -57,7 +58,7 @@ def encoded(ts, *, charset="GB18030", pixel_data: bytes | None = PIXELS, encapsu
     ds.Modality = "CT"
     ds.PatientName = values.pop("name", "Wrong^Name=错^名")
     ds.PatientID = "WRONG1"
-    ds.InstitutionName = "北京医院" if charset else "BEIJING"
+    ds.InstitutionName = values.pop("institution", "北京医院" if charset else "BEIJING")
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "X1", "99", "胸部" if charset else "CHEST"
     ds.ProcedureCodeSequence = [item]
@@ -255,3 +256,68 @@ def test_an_element_not_where_its_tag_should_be_means_the_header_is_encoded_whol
     header = split_header(data, ExplicitVRLittleEndian)
     header.spans = {}
     assert join_header(header) == data
+
+
+LATER = datetime(2026, 11, 22, 9, 31, 7, 123456, tzinfo=timezone.utc)
+
+
+def _coerce_header(data: bytes, ts, profile, now, memo=None):
+    header = split_header(data, ts)
+    changed, out = coerce_header(header, coercion_values(PATIENT, ORDER, STEP, profile),
+                                 fill=fill_values(ORDER, profile), charset=profile.charset, now=now,
+                                 modifying_system="SWF_ENGINE", source="CT01", memo=memo)
+    return header, changed, out
+
+
+@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
+                                DeflatedExplicitVRLittleEndian])
+@pytest.mark.parametrize("charset", ["GB18030", "ISO_IR 192", ""])
+@pytest.mark.parametrize("profile", [UNICODE, ASCII])
+def test_a_series_reuses_the_first_images_coercion_and_gets_the_same_bytes(ts, charset, profile):
+    """The next image of a series with the same wrong demographics: its own UIDs, its own modification time, and
+    the bytes coercing it anew gives, taken from the memo (its parsed dataset untouched). Text that a new
+    character set makes encode again (GB18030 to UTF-8) is the first image's encoding of the same bytes."""
+    memo: dict = {}
+    first = encoded(ts, charset=charset, sop_instance_uid="1.2.3.101")
+    second = encoded(ts, charset=charset, sop_instance_uid="1.2.3.102")
+    _, changed_first, _ = _coerce_header(first, ts, profile, NOW, memo)
+    header, changed, out = _coerce_header(second, ts, profile, LATER, memo)
+    _, changed_anew, out_anew = _coerce_header(second, ts, profile, LATER)
+    assert len(memo) == 1 and changed == changed_first == changed_anew
+    assert out == out_anew
+    ds = dcmread(BytesIO(part10(out, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.2.3.102",
+                                transfer_syntax=str(ts), source_ae="CT01", implementation_uid="2.25.1",
+                                implementation_version="T")))
+    assert ds.SOPInstanceUID == "1.2.3.102" and ds.PatientID == "300101"
+    assert ds.OriginalAttributesSequence[0].AttributeModificationDateTime.startswith("20261122093107.123456")
+    assert header.dataset.PatientID == "WRONG1"  # not coerced in place: the memo's bytes were used
+
+
+def test_other_old_values_or_an_unchanged_image_take_their_own_path():
+    memo: dict = {}
+    ts = ExplicitVRLittleEndian
+    _coerce_header(encoded(ts, charset="", name="WRONG^ONE"), ts, UNICODE, NOW, memo)
+    other = encoded(ts, charset="", name="WRONG^TWO", sop_instance_uid="1.2.3.5")
+    _, changed, out = _coerce_header(other, ts, UNICODE, LATER, memo)
+    assert len(memo) == 2
+    assert out == _coerce_header(other, ts, UNICODE, LATER)[2]
+    assert dcmread(BytesIO(part10(out, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.2.3.5",
+                                  transfer_syntax=str(ts), source_ae="CT01", implementation_uid="2.25.1",
+                                  implementation_version="T"))
+                   ).OriginalAttributesSequence[0].ModifiedAttributesSequence[0].PatientName == "WRONG^TWO"
+    # Chinese text not seen before, in a character set the profile changes: encoded again, not from the memo
+    gb = ExplicitVRLittleEndian
+    _coerce_header(encoded(gb, institution="北京医院"), gb, UNICODE, NOW, memo)
+    shanghai = encoded(gb, institution="上海医院", sop_instance_uid="1.2.3.6")
+    header, _, out = _coerce_header(shanghai, gb, UNICODE, LATER, memo)
+    assert header.dataset.PatientID == "300101"  # the whole path
+    assert out == _coerce_header(shanghai, gb, UNICODE, LATER)[2]
+    assert dcmread(BytesIO(part10(out, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.2.3.6",
+                                  transfer_syntax=str(gb), source_ae="CT01", implementation_uid="2.25.1",
+                                  implementation_version="T"))).InstitutionName == "上海医院"
+    # an image already carrying the order's values: nothing changes, from the memo as on the whole path
+    done = join_header(_coerce_header(other, ts, UNICODE, LATER)[0])
+    for _ in range(2):
+        _, changed, out = _coerce_header(done, ts, UNICODE, LATER, memo)
+        assert changed == [] and out is None
+

@@ -35,10 +35,9 @@ from engine.config import Channel, DicomSource, Route, WorklistSettings
 from engine.errors import BadValue, EngineError, Unavailable
 from engine.mappings.dicom_coercion import (
     Header,
-    apply_coercion,
+    coerce_header,
     coercion_values,
     fill_values,
-    join_header,
     part10,
     split_header,
     tag_names,
@@ -181,13 +180,14 @@ class ImageRouter:
             raise BadValue("the dataset's SOP Instance UID differs from the request's")
         key = (header.accession, header.study_instance_uid, header.modality)
         if cache is not None and key in cache:
-            match, values, fill = cache[key]
+            match, values, fill, series = cache[key]
         else:
+            series = {}
             match = self.find_order(header) if self.source.coerce or self.source.unmatched == "reject" else None
             values = coercion_values(match.patient, match.order, match.step, self.profile) if match else {}
             fill = fill_values(match.order, self.profile) if match else {}
             if cache is not None:
-                cache[key] = (match, values, fill)
+                cache[key] = (match, values, fill, series)
             if match is None:  # once per association and study, not once per image
                 log.warning("image matches no order", extra={
                     "channel": self.channel.name, "calling_ae": image.calling_ae, "accession": header.accession,
@@ -195,10 +195,14 @@ class ImageRouter:
         if match is None and self.source.unmatched == "reject":
             raise NoOrder("no order matches the image's accession number or study instance UID")
         coerced: list[int] = []
+        data = image.data
         if match is not None and self.source.coerce:
-            coerced = apply_coercion(header.dataset, values, fill=fill, charset=self.profile.charset,
-                                     now=self.clock.now(), modifying_system=self.ae_title, source=image.calling_ae)
-        data = join_header(header) if coerced else image.data
+            reads_dataset = self.reports is not None and is_report(image.sop_class_uid)  # an SR taken as a report
+            coerced, coerced_data = coerce_header(
+                header, values, fill=fill, charset=self.profile.charset, now=self.clock.now(),
+                modifying_system=self.ae_title, source=image.calling_ae,
+                memo=series if cache is not None and not reads_dataset else None)
+            data = coerced_data if coerced_data is not None else image.data
         destinations = route_for(self.channel.routes, self.destinations, calling_ae=image.calling_ae,
                                  modality=header.modality, sop_class_uid=image.sop_class_uid)
         names = tuple(tag_names(coerced))

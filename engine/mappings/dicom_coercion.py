@@ -21,7 +21,7 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from io import BytesIO
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR
@@ -204,10 +204,13 @@ def join_header(header: Header) -> bytes:
     some 30 us per element, and a CT has hundreds. Only the changed ones are encoded, and, when the character
     set changed, the text that is not plain ASCII (it is read in the old set and written in the new one).
     """
+    return _finish(header, [part for _, part, _ in _encoded_elements(header)])
+
+
+def _encoded_elements(header: Header) -> Iterator[tuple[int, bytes, bool]]:
+    """Each element of the header in tag order: (tag, its encoding, whether it was copied as it came)."""
     ts = header.transfer_syntax
     ds = header.dataset
-    fp = DicomBytesIO()
-    fp.is_implicit_VR, fp.is_little_endian = ts.is_implicit_VR, ts.is_little_endian
     respelled = ds.original_character_set != ds._character_set
     encodings = ds.get("SpecificCharacterSet", None)  # the value, as pydicom's write_dataset takes it
     for tag in sorted(ds._dict):
@@ -216,11 +219,17 @@ def join_header(header: Header) -> bytes:
         element = ds._dict[tag]
         span = header.spans.get(tag)
         if span is not None and span[0] is element and not (respelled and _charset_bound(element)):
-            fp.write(header.raw[span[1]:span[2]])
+            yield tag, header.raw[span[1]:span[2]], True
         else:
+            fp = DicomBytesIO()
+            fp.is_implicit_VR, fp.is_little_endian = ts.is_implicit_VR, ts.is_little_endian
             write_data_element(fp, ds[tag] if respelled else ds.get_item(tag), encodings)
-    data = fp.getvalue() + header.tail
-    if ts.is_deflated:
+            yield tag, fp.getvalue(), False
+
+
+def _finish(header: Header, parts: list[bytes]) -> bytes:
+    data = b"".join([*parts, header.tail])
+    if header.transfer_syntax.is_deflated:
         compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
         data = compressor.compress(data) + compressor.flush()
     return data
@@ -372,7 +381,7 @@ def apply_coercion(ds: Dataset, values: Item, *, charset: str | None, now: datet
     if changed:
         item = Dataset()
         item.ModifiedAttributesSequence = DicomSequence([modified])  # (0400,0550)
-        item.AttributeModificationDateTime = now.strftime("%Y%m%d%H%M%S.%f%z")  # (0400,0562)
+        item.AttributeModificationDateTime = _modification_time(now)  # (0400,0562)
         item.ModifyingSystem = modifying_system[:64]  # (0400,0563)
         item.SourceOfPreviousValues = source[:64]  # (0400,0564)
         item.ReasonForTheAttributeModification = reason  # (0400,0565)
@@ -380,6 +389,119 @@ def apply_coercion(ds: Dataset, values: Item, *, charset: str | None, now: datet
         items = list(existing.value) if existing is not None and existing.value else []
         ds.OriginalAttributesSequence = DicomSequence([*items, item])
     return changed
+
+
+def _modification_time(now: datetime) -> str:
+    return now.strftime("%Y%m%d%H%M%S.%f%z")
+
+
+@dataclass(frozen=True)
+class SeriesCoercion:
+    """How one image's header came out of coercion, for the images after it whose coerced attributes are the same.
+
+    A modality sends a series on one association, every image with the same wrong name and ID: coercing each
+    anew (pydicom converting the old values, encoding the new ones and the Original Attributes Sequence) cost
+    some 3 ms per image, on the path the modality waits on. Those bytes are the same for the whole series but for
+    the modification time, which is put in at its place.
+    """
+
+    changed: tuple[int, ...]
+    written: dict[int, bytes]  # the coerced elements, the character set and the Original Attributes Sequence
+    stamp: bytes  # the modification time as it lies in written[ORIGINAL_ATTRIBUTES_SEQUENCE]
+    respelled: bool  # the character set changed: text elsewhere must be plain ASCII to be copied ...
+    recoded: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # ... or as it came here: (came, written)
+
+
+SERIES_MEMO_SIZE = 8
+
+
+def coerce_header(header: Header, values: Item, *, fill: Item, charset: str | None, now: datetime,
+                  modifying_system: str, source: str, memo: dict | None = None) -> tuple[list[int], bytes | None]:
+    """apply_coercion, then join_header: the changed tags and the dataset's bytes (None: nothing changed).
+
+    `memo` (one per association, for one order's `values` and `fill`) keeps a SeriesCoercion per set of old
+    values: an image whose coerced attributes came as an earlier one's is given that one's encoding, its other
+    elements copied as they came. The bytes equal what coercing it anew gives. The header's dataset is then left
+    as it came: a caller that reads the coerced dataset (an SR taken as a report) passes no memo.
+    """
+    key = _memo_key(header, values, fill, charset, modifying_system, source) if memo is not None else None
+    entry = memo.get(key) if memo is not None and key is not None else None
+    if entry is not None:
+        data = _reuse(header, entry, now)
+        if data is not None:
+            return list(entry.changed), data if entry.changed else None
+    changed = apply_coercion(header.dataset, values, fill=fill, charset=charset, now=now,
+                             modifying_system=modifying_system, source=source)
+    if not changed:
+        if memo is not None and key is not None:
+            _remember(memo, key, SeriesCoercion((), {}, b"", False))
+        return [], None
+    elements = list(_encoded_elements(header))
+    if memo is not None and key is not None:
+        # the images after it copy every other element as it came to them (their own UIDs ...)
+        written = {tag: part for tag, part, copied in elements if not copied and tag in key[-1]}
+        # text the new character set made encode again (a sequence, as pydicom cannot tell): the same bytes next time
+        # give the same encoding
+        recoded = {tag: (header.raw[header.spans[tag][1]:header.spans[tag][2]], part)
+                   for tag, part, copied in elements if not copied and tag not in key[-1] and tag in header.spans}
+        stamp = _modification_time(now).encode("ascii")
+        if written.get(ORIGINAL_ATTRIBUTES_SEQUENCE, b"").count(stamp) == 1:
+            dataset = header.dataset
+            _remember(memo, key, SeriesCoercion(tuple(changed), written, stamp,
+                                                dataset.original_character_set != dataset._character_set, recoded))
+    return changed, _finish(header, [part for _, part, _ in elements])
+
+
+def _memo_key(header: Header, values: Item, fill: Item, charset: str | None, modifying_system: str,
+              source: str) -> tuple | None:
+    """What coercion reads from the image: the old values of the coerced attributes, the character set and any
+    earlier Original Attributes Sequence, as their bytes; None when one of them was not read as bytes."""
+    tags = tuple(sorted({*values, *fill, SPECIFIC_CHARACTER_SET, ORIGINAL_ATTRIBUTES_SEQUENCE}))
+    old: list[bytes | None] = []
+    for tag in tags:
+        span = header.spans.get(tag)  # before coercion an element is as it came, read or not
+        if span is not None:
+            old.append(header.raw[span[1]:span[2]])
+        elif tag in header.dataset._dict:
+            return None  # not read as bytes (a sequence pydicom parsed as it read): compared on the whole path
+        else:
+            old.append(None)
+    return (str(header.transfer_syntax), charset, modifying_system, source, tuple(old), tags)
+
+
+def _reuse(header: Header, entry: SeriesCoercion, now: datetime) -> bytes | None:
+    """The header with `entry`'s coerced elements and its own others, or None when it cannot be copied so."""
+    stamp = _modification_time(now).encode("ascii")
+    if entry.stamp and len(stamp) != len(entry.stamp):
+        return None
+    if not entry.changed:
+        return b""
+    dataset, spans, raw = header.dataset, header.spans, header.raw  # the dataset is as it came: nothing was coerced
+    parts: list[bytes] = []
+    for tag in sorted({*dataset._dict, *entry.written}):
+        if tag & 0xFFFF == 0 and tag >> 16 > 6:
+            continue
+        written = entry.written.get(tag)
+        if written is not None:
+            parts.append(written.replace(entry.stamp, stamp, 1) if tag == ORIGINAL_ATTRIBUTES_SEQUENCE else written)
+            continue
+        span = spans.get(tag)
+        if span is None:
+            return None  # not read as bytes: only pydicom can write it
+        came = raw[span[1]:span[2]]
+        if entry.respelled and _charset_bound(span[0]):
+            recoded = entry.recoded.get(tag)
+            if recoded is None or recoded[0] != came:
+                return None  # text in the old character set, not seen before: it must be encoded again
+            came = recoded[1]
+        parts.append(came)
+    return _finish(header, parts)
+
+
+def _remember(memo: dict, key: tuple, entry: SeriesCoercion) -> None:
+    if len(memo) >= SERIES_MEMO_SIZE:
+        memo.clear()  # a modality whose every image differs gains nothing from it
+    memo[key] = entry
 
 
 def tag_names(tags: Sequence[int]) -> list[str]:
