@@ -42,8 +42,9 @@ def hl7(name: str) -> bytes:
 
 
 def send(port: int, files: list[Path], aec: str) -> float:
+    command = storescu_command(port, files, aec=aec)  # finding DCMTK's storescu on PATH takes a while the first time
     started = time.perf_counter()
-    done = subprocess.run(storescu_command(port, files, aec=aec), env=NODELAY_ENV, capture_output=True, text=True)
+    done = subprocess.run(command, env=NODELAY_ENV, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     if done.returncode != 0 or done.stdout.count("(Success") + done.stderr.count("(Success") != len(files):
         raise RuntimeError(f"storescu failed:\n{(done.stdout + done.stderr)[-2000:]}")
