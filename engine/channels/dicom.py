@@ -81,9 +81,13 @@ class DicomSender:
         self.sent_files += [Path(path) for path, attempt in zip(paths, attempts) if attempt.ok]
         return attempts
 
-    async def committed(self) -> None:
-        """The sent rows are recorded: the spooled links of what was stored can go."""
+    def take_sent(self) -> list[Path]:
+        """The files sent since the last call: the dispatcher records them as sent, then calls `committed`."""
         files, self.sent_files = self.sent_files, []
+        return files
+
+    async def committed(self, files: list[Path]) -> None:
+        """These files' rows are recorded as sent: the spooled links of what was stored can go."""
         if files and not self.destination.keep_sent_files:
             await asyncio.to_thread(Spool.remove, files)
 
