@@ -55,6 +55,7 @@ class DicomSender:
     """
 
     gather_seconds = 0.05
+    send_while_recording = True  # see DestinationDispatcher._record
 
     def __init__(self, destination: DicomDestination, *, calling_ae_title: str) -> None:
         self.destination = destination

@@ -196,10 +196,14 @@ class DestinationDispatcher:
         return attempts
 
     async def _record(self, sent: list[tuple[int, int, Attempt]]) -> None:
-        """Mark a run of successful sends in one statement pair (one commit for the run), while the next run goes
-        out: waiting for that commit left the sender idle a third of the time under a stream of images. One
-        commit is in flight at a time, in order; a crash before it lands sends the run again (at least once, as
-        a crash between sending and recording always could)."""
+        """Mark a run of successful sends in one statement pair (one commit for the run).
+
+        A sender with `send_while_recording` (C-STORE, where each image waits on the PACS storing it) gets its
+        next run while that commit is on its way: waiting for it left the forwarding process idle a third of the
+        time under a stream of images. One commit is in flight at a time, in order; a crash before it lands
+        sends the run again (at least once, as a crash between sending and recording always could). HL7
+        deliveries wait for it: their runs then gather more messages, and the journal's writer, which every
+        inbound message waits on, commits fewer of them (1,400-1,500 msg/s against 1,800 without waiting)."""
         if not sent:
             return
         await self._recorded()
@@ -207,6 +211,8 @@ class DestinationDispatcher:
         done = take_sent() if take_sent is not None else None
         self._unrecorded.update(delivery_id for delivery_id, _, _ in sent)
         self._recording = asyncio.create_task(self._commit_record(sent, done))
+        if not getattr(self.sender, "send_while_recording", False):
+            await self._recorded()
 
     async def _recorded(self) -> None:
         """The commit in flight has landed (its failure is raised here, and the run stays queued)."""
