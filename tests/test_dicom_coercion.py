@@ -278,8 +278,9 @@ def test_a_series_reuses_the_first_images_coercion_and_gets_the_same_bytes(ts, c
     the bytes coercing it anew gives, taken from the memo (its parsed dataset untouched). Text that a new
     character set makes encode again (GB18030 to UTF-8) is the first image's encoding of the same bytes."""
     memo: dict = {}
-    first = encoded(ts, charset=charset, sop_instance_uid="1.2.3.101")
-    second = encoded(ts, charset=charset, sop_instance_uid="1.2.3.102")
+    name = {} if charset else {"name": "WRONG^NAME"}  # no character set: ASCII only
+    first = encoded(ts, charset=charset, sop_instance_uid="1.2.3.101", **name)
+    second = encoded(ts, charset=charset, sop_instance_uid="1.2.3.102", **name)
     _, changed_first, _ = _coerce_header(first, ts, profile, NOW, memo)
     header, changed, out = _coerce_header(second, ts, profile, LATER, memo)
     _, changed_anew, out_anew = _coerce_header(second, ts, profile, LATER)
