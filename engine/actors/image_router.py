@@ -202,7 +202,8 @@ class ImageRouter:
                 header, values, fill=fill, charset=self.profile.charset, now=self.clock.now(),
                 modifying_system=self.ae_title, source=image.calling_ae,
                 memo=series if cache is not None and not reads_dataset else None)
-            data = coerced_data if coerced_data is not None else image.data
+            if coerced_data is not None:
+                data = coerced_data
         destinations = route_for(self.channel.routes, self.destinations, calling_ae=image.calling_ae,
                                  modality=header.modality, sop_class_uid=image.sop_class_uid)
         names = tuple(tag_names(coerced))

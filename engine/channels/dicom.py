@@ -32,10 +32,10 @@ from typing import Iterator
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 
-from engine.channels.dispatcher import Attempt
+from engine.channels.attempt import Attempt
 from engine.channels.worker_process import STOP_SECONDS, end_worker, spawn_worker
 from engine.config import DicomDestination
-from engine.mwl.dicom_server import TUNING, quiet_standard_handlers
+from engine.mwl.dicom_transport import TUNING, quiet_standard_handlers
 from engine.store.spool import Spool
 from engine.tls import client_context
 
@@ -286,7 +286,7 @@ class CStoreLink:
         self.ae.network_timeout = max(destination.response_timeout_seconds, destination.idle_release_seconds + 30)
         self.ae.maximum_pdu_size = 0  # no limit on what the PACS may send back
         self.assoc = None
-        self.accepted: set[tuple[str, str]] = set()
+        self.accepted: dict[tuple[str, str], int] = {}  # (SOP class, transfer syntax) -> presentation context id
         self.wanted: dict[tuple[str, str], None] = {}  # insertion-ordered: the most recent kept when over 128
         self.last_used = 0.0
         self.message_id = 0
@@ -339,8 +339,7 @@ class CStoreLink:
         command set is encoded by hand (PS3.7 9.3.1.1, Implicit VR Little Endian as PS3.7 6.3.1 requires) and the
         PDUs framed by hand (PS3.8 9.3.5); only data transfer (Sta6) is done so, never negotiation or release.
         """
-        context_id = next(cx.context_id for cx in assoc.accepted_contexts
-                          if (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) == pair)
+        context_id = self.accepted[pair]
         with open(path, "rb") as file:
             file.seek(offset)
             dataset = file.read()
@@ -380,13 +379,14 @@ class CStoreLink:
             raise ConnectionError(f"association with {d.ae_title}@{d.host}:{d.port} "
                                   f"{'rejected' if assoc.is_rejected else 'failed'}")
         self.assoc = assoc
-        self.accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+        self.accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): cx.context_id
+                         for cx in assoc.accepted_contexts}
         self.last_used = time.monotonic()
         return assoc
 
     def _drop(self, release: bool = False) -> None:
         assoc, self.assoc = self.assoc, None
-        self.accepted = set()
+        self.accepted = {}
         if assoc is None:
             return
         if release and assoc.is_established:

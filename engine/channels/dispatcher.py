@@ -42,10 +42,10 @@ def sender_for(destination: MllpDestination | DicomDestination, *, calling_ae_ti
 
         return DicomSender(destination, calling_ae_title=calling_ae_title)
     if isinstance(destination, FhirDestination):
-        from engine.channels.fhir_out import FhirSender  # imports this module: Attempt
+        from engine.channels.fhir_out import FhirSender  # httpx only for configs that post FHIR
 
         return FhirSender(destination)
-    from engine.channels.mllp_delivery import MllpSender  # imports this module: Attempt
+    from engine.channels.mllp_delivery import MllpSender
 
     return MllpSender(destination)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import httpx
 
-from engine.channels.dispatcher import Attempt
+from engine.channels.attempt import Attempt
 from engine.config import FhirDestination
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"

@@ -9,20 +9,16 @@ PS3.8 9.3 / PS3.7 D.3.3 as pynetdicom implements them.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import socket
 import time
 from types import ModuleType
 from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
-from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
-from pynetdicom.events import Event
-from pynetdicom.transport import AssociationSocket
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config
 
 from engine.mwl import mpps_scp, mwl_scp, storage_scp, verification
 from engine.mwl.dicom_guard import AssociationGuard, start_guarded_server
-from engine.mwl.dul_wait import DulWait
+from engine.mwl.dicom_transport import TUNING, quiet_standard_handlers
 from engine.tls import AddressList, server_context
 
 if TYPE_CHECKING:
@@ -32,60 +28,6 @@ log = logging.getLogger(__name__)
 
 ROLES: tuple[ModuleType, ...] = (verification, mwl_scp, mpps_scp, storage_scp)
 STOP_GRACE_SECONDS = 2.0
-
-
-def tune_connection(event: Event) -> None:
-    """EVT_CONN_OPEN, on every association in or out: TCP_NODELAY, PDUs read whole, a DUL that waits for news.
-
-    TCP_NODELAY before the first PDU, so no response waits ~40 ms on a delayed ACK: a C-FIND answer is two
-    small P-DATA-TF PDUs per match (command, then identifier); with Nagle on, the second waits until the peer
-    acknowledges the first.
-
-    pynetdicom reads a PDU 4 KiB per socket call, growing a bytearray as it goes: 128 calls and as many GIL
-    hand-overs for each 512 KiB image. `read_exactly` asks the socket for everything still missing.
-
-    The DUL thread blocks until a PDU or a primitive comes instead of polling (engine.mwl.dul_wait); the
-    association's end (`end_connection`, EVT_CONN_CLOSE) closes what that needs.
-    """
-    transport = event.assoc.dul.socket
-    if transport is None or transport.socket is None:
-        return
-    transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    transport.recv = functools.partial(read_exactly, transport)
-    event.assoc.dul.swf_wait = DulWait(event.assoc.dul)
-    log.debug("dicom connection", extra={"peer": f"{event.address[0]}:{event.address[1]}"})
-
-
-def end_connection(event: Event) -> None:
-    """EVT_CONN_CLOSE, wherever tune_connection is the EVT_CONN_OPEN handler."""
-    wait = getattr(event.assoc.dul, "swf_wait", None)
-    if wait is not None:
-        wait.close()
-
-
-TUNING = [(evt.EVT_CONN_OPEN, tune_connection), (evt.EVT_CONN_CLOSE, end_connection)]
-
-
-def read_exactly(transport: AssociationSocket, size: int) -> bytearray:
-    """AssociationSocket.recv's contract: `size` bytes, fewer only when the peer closed; socket errors raise."""
-    buffer = bytearray(size)
-    with memoryview(buffer) as view:
-        received = 0
-        while received < size:
-            count = transport.socket.recv_into(view[received:])
-            if not count:
-                break
-            received += count
-    if received < size:
-        del buffer[received:]
-    return buffer
-
-
-def quiet_standard_handlers() -> None:
-    """pynetdicom's "standard" handlers format an INFO/DEBUG line for every PDU and DIMSE message (decoding the
-    command set to do so) even though engine.logs keeps its logger at WARNING: per image, work for nothing.
-    Process-wide; read when an association is created."""
-    _config.LOG_HANDLER_LEVEL = "none"
 
 
 def build_ae(engine: "Engine", roles: Sequence[ModuleType] = ROLES) -> tuple[AE, list[tuple]]:

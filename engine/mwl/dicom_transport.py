@@ -1,4 +1,6 @@
-"""pynetdicom's DUL thread, made to wait for news instead of polling for it, on an established association.
+"""How the engine's DICOM connections are run, in and out: TCP_NODELAY, PDUs read whole, and a DUL thread that
+waits for news instead of polling for it. Imported by the listener and by the forwarding processes, which need
+this and not the listener's roles.
 
 pynetdicom's DUL reactor loops: check for a primitive from the user, check the socket with a zero-timeout
 select, sleep `_run_loop_delay`, again. On an idle association that is thousands of wake-ups a second: one
@@ -14,9 +16,17 @@ handled as soon as it comes, and an idle association costs a wake-up every `WAIT
 
 from __future__ import annotations
 
+import functools
+import logging
 import select
 import socket
 from typing import Any, Callable
+
+from pynetdicom import _config, evt
+from pynetdicom.events import Event
+from pynetdicom.transport import AssociationSocket
+
+log = logging.getLogger(__name__)
 
 # The longest the DUL blocks without news; it then looks at its kill flag and its queues once, as pynetdicom would.
 WAIT_SECONDS = 0.05
@@ -82,3 +92,57 @@ class DulWait:
     def close(self) -> None:
         self._bell.close()
         self._ringer.close()
+
+
+def tune_connection(event: Event) -> None:
+    """EVT_CONN_OPEN, on every association in or out: TCP_NODELAY, PDUs read whole, a DUL that waits for news.
+
+    TCP_NODELAY before the first PDU, so no response waits ~40 ms on a delayed ACK: a C-FIND answer is two
+    small P-DATA-TF PDUs per match (command, then identifier); with Nagle on, the second waits until the peer
+    acknowledges the first.
+
+    pynetdicom reads a PDU 4 KiB per socket call, growing a bytearray as it goes: 128 calls and as many GIL
+    hand-overs for each 512 KiB image. `read_exactly` asks the socket for everything still missing.
+
+    The DUL thread blocks until a PDU or a primitive comes instead of polling (DulWait, below); the
+    association's end (`end_connection`, EVT_CONN_CLOSE) closes what that needs.
+    """
+    transport = event.assoc.dul.socket
+    if transport is None or transport.socket is None:
+        return
+    transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport.recv = functools.partial(read_exactly, transport)
+    event.assoc.dul.swf_wait = DulWait(event.assoc.dul)
+    log.debug("dicom connection", extra={"peer": f"{event.address[0]}:{event.address[1]}"})
+
+
+def end_connection(event: Event) -> None:
+    """EVT_CONN_CLOSE, wherever tune_connection is the EVT_CONN_OPEN handler."""
+    wait = getattr(event.assoc.dul, "swf_wait", None)
+    if wait is not None:
+        wait.close()
+
+
+TUNING = [(evt.EVT_CONN_OPEN, tune_connection), (evt.EVT_CONN_CLOSE, end_connection)]
+
+
+def read_exactly(transport: AssociationSocket, size: int) -> bytearray:
+    """AssociationSocket.recv's contract: `size` bytes, fewer only when the peer closed; socket errors raise."""
+    buffer = bytearray(size)
+    with memoryview(buffer) as view:
+        received = 0
+        while received < size:
+            count = transport.socket.recv_into(view[received:])
+            if not count:
+                break
+            received += count
+    if received < size:
+        del buffer[received:]
+    return buffer
+
+
+def quiet_standard_handlers() -> None:
+    """pynetdicom's "standard" handlers format an INFO/DEBUG line for every PDU and DIMSE message (decoding the
+    command set to do so) even though engine.logs keeps its logger at WARNING: per image, work for nothing.
+    Process-wide; read when an association is created."""
+    _config.LOG_HANDLER_LEVEL = "none"
