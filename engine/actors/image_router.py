@@ -1,10 +1,13 @@
 """The image router in front of the Image Manager: coerce from the order, spool, journal, route (IHE RAD-8).
 
 A received image is matched to its order by Accession Number, else by Study Instance UID; its header is coerced
-(engine.mappings.dicom_coercion) and the result is written under $SWF_DATA_DIR/store and synced, then journaled:
-one message row (no pixel data: the SOP Instance UID, what was coerced, the file) and one delivery row per
-destination the routes pick, each naming its own hard link of the file. Only then does the modality get its
-success status, so an image that was answered success is on disk and queued (journal first, ARCHITECTURE.md).
+(engine.mappings.dicom_coercion) and the result is written under $SWF_DATA_DIR/store and journaled: one message row
+(no pixel data: the SOP Instance UID, what was coerced, the file) and one delivery row per destination the routes
+pick, each naming its own hard link of the file. The file's fsync and the journal commit's run side by side: each
+is a few milliseconds of the modality's wait for every image, and together they cost hardly more than one. Only
+when both are done does the modality get its success status, so an image that was answered success is on disk and
+queued (journal first, ARCHITECTURE.md). If the file cannot be synced, its rows are withdrawn (the message marked
+error, its deliveries deleted) and the modality is told to send again.
 The summary names the series and modality, so ImagingStudy can list what was routed (engine.mappings.fhir_report).
 
 A Basic / Enhanced Text SR is routed the same way and, when the source names a report_channel, is also a report:
@@ -18,13 +21,14 @@ group-commit writer (run_blocking).
 
 from __future__ import annotations
 
+import concurrent.futures
 import fnmatch
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -48,7 +52,7 @@ from engine.mappings.pinyin import PinyinStyle
 from engine.store.db import Store
 from engine.store.journal_sql import JournalStatements
 from engine.store.spool import Spool
-from engine.store.tables import ImagingOrder, Patient, ScheduledStep
+from engine.store.tables import Delivery, ImagingOrder, Message, Patient, ScheduledStep
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +60,15 @@ IMPLEMENTATION_CLASS_UID = "2.25.110371568707326930992679918336563452401"  # swf
 IMPLEMENTATION_VERSION = f"SWF_{__version__}"[:16]
 CONTENT_TYPE = "dicom-file"
 SR_CONTENT_TYPE = "dicom-sr"  # the journal's content_type of an SR taken as a report
+JOURNAL_TIMEOUT = 60.0  # seconds a modality's association waits for the journal before it is told to retry
 
 
 class BlockingWriter(Protocol):
     """The journal's group-commit writer as seen from a thread without an event loop."""
 
     def run_blocking(self, work: Callable[[Session], Any], timeout: float | None = ...) -> Any: ...
+
+    def submit_from_thread(self, work: Callable[[Session], Any]) -> concurrent.futures.Future: ...
 
 
 class NoOrder(EngineError):
@@ -207,15 +214,22 @@ class ImageRouter:
         destinations = route_for(self.channel.routes, self.destinations, calling_ae=image.calling_ae,
                                  modality=header.modality, sop_class_uid=image.sop_class_uid)
         names = tuple(tag_names(coerced))
+        report = None
+        if self.reports is not None and is_report(image.sop_class_uid):
+            report = self._report_inbound(image, header.dataset, data, received_at)
+        # An SR taken as a report is journaled with what its report channel does with it, which a withdrawal
+        # could not undo: its file is synced first.
+        sync_beside_journal = report is None
         paths: list[Path] = []
         if destinations:
             meta = part10(b"", sop_class_uid=image.sop_class_uid, sop_instance_uid=image.sop_instance_uid,
                           transfer_syntax=image.transfer_syntax, source_ae=image.calling_ae,
                           implementation_uid=IMPLEMENTATION_CLASS_UID, implementation_version=IMPLEMENTATION_VERSION)
             try:
-                paths = self.spool.write(received_at.strftime("%Y%m%d"), [meta, data], copies=len(destinations))
+                paths = self.spool.write(received_at.strftime("%Y%m%d"), [meta, data], copies=len(destinations),
+                                         durable=not sync_beside_journal)
             except OSError as exc:  # disk full or gone: the modality keeps the image and tries again
-                raise Unavailable(f"cannot spool the image: {exc.strerror or exc.__class__.__name__}") from exc
+                raise Unavailable(f"cannot spool the image: {_reason(exc)}") from exc
         else:
             log.info("no route for image; not forwarded", extra={
                 "channel": self.channel.name, "calling_ae": image.calling_ae, "modality": header.modality})
@@ -229,17 +243,29 @@ class ImageRouter:
             f"coerced: {', '.join(names)}" if names else "not coerced",
             f"{len(image.data)} bytes",
         ])
-        report = None
-        if self.reports is not None and is_report(image.sop_class_uid):
-            report = self._report_inbound(image, header.dataset, data, received_at)
         journal = _journal_work(self.channel.name, image, received_at, summary, match, destinations, paths,
                                 status="processed" if destinations else "filtered", report=report,
                                 reports=self.reports)
+        committed = self.writer.submit_from_thread(journal)
+        not_synced: OSError | None = None
+        if sync_beside_journal:
+            try:
+                self.spool.make_durable(paths)
+            except OSError as exc:
+                not_synced = exc
         try:
-            message_id, outcome = self.writer.run_blocking(journal)
+            message_id, outcome = committed.result(JOURNAL_TIMEOUT)
         except BaseException:
             self.spool.remove(paths)  # not journaled: the modality is told to send again
             raise
+        if not_synced is not None:
+            reason = f"cannot spool the image: {_reason(not_synced)}"
+            self.writer.run_blocking(_withdrawal(message_id, reason))
+            self.spool.remove(paths)
+            log.error("image not synced to disk; its rows were withdrawn", extra={
+                "channel": self.channel.name, "calling_ae": image.calling_ae, "message_id": message_id,
+                "error": reason})
+            raise Unavailable(reason) from not_synced
         if outcome is not None and outcome.error is not None:
             log.warning("SR not taken as a report", extra={
                 "channel": self.channel.name, "calling_ae": image.calling_ae, "message_id": outcome.message_id,
@@ -260,6 +286,20 @@ class ImageRouter:
                             sender=image.calling_ae)
         return Inbound(self.source.report_channel, data, image.peer, received_at, parsed,
                        content_type=SR_CONTENT_TYPE)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or exc.__class__.__name__
+
+
+def _withdrawal(message_id: int, reason: str):
+    """An image journaled but not on disk: nothing to deliver, and the analyst sees why in the message."""
+    def work(session: Session) -> None:
+        connection = session.connection()
+        connection.execute(delete(Delivery).where(Delivery.message_id == message_id))
+        connection.execute(update(Message).where(Message.id == message_id).values(status="error", error=reason))
+
+    return work
 
 
 def _journal_work(channel: str, image: ReceivedImage, received_at, summary: str, match: Match | None,

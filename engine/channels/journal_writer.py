@@ -131,9 +131,13 @@ class JournalWriter:
 
     def run_blocking(self, work: Callable[[Session], Any], timeout: float | None = 60.0) -> Any:
         """`submit` for threads without an event loop (pynetdicom's handlers): blocks until committed."""
+        return self.submit_from_thread(work).result(timeout)
+
+    def submit_from_thread(self, work: Callable[[Session], Any]) -> concurrent.futures.Future:
+        """`submit` for threads without an event loop, not waiting: the caller does its own work meanwhile."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put(_Job(work, future, None))
-        return future.result(timeout)
+        return future
 
     def submit_item(self, item: Any) -> asyncio.Future:
         """Queue an item for the batch handler, which takes every item of a commit in one call."""

@@ -1,9 +1,14 @@
-"""Files held until their destinations took them (store-and-forward): on disk and synced before the journal row.
+"""Files held until their destinations took them (store-and-forward): on disk before their sender is answered.
 
 Big payloads stay out of the database: a delivery row carries the path of its own file. A file for several
 destinations is written once and hard-linked once per further destination, so each delivery removes its own link
 after success and the bytes go when the last one does. A crash between the write and the journal commit leaves
 a file no row names; that is harmless (the sender was not answered and sends again).
+
+A caller may sync the file beside the journal commit that names it (`write(durable=False)`, then
+`make_durable`): the bytes are written first, so a killed process leaves a whole file; only a power cut between
+the two syncs can leave a row naming a file cut short, for an image that was never answered (its sender sends it
+again; the cut file fails at the destination and its delivery ends dead).
 """
 
 from __future__ import annotations
@@ -46,8 +51,11 @@ class Spool:
                 sync_directory(directory)
             return free.pop()
 
-    def write(self, day: str, parts: list[bytes], copies: int = 1) -> list[Path]:
-        """Write `parts` durably as one file (and `copies - 1` hard links); returns one path per copy."""
+    def write(self, day: str, parts: list[bytes], copies: int = 1, *, durable: bool = True) -> list[Path]:
+        """Write `parts` as one file (and `copies - 1` hard links); returns one path per copy.
+
+        durable=False leaves the bytes in the page cache (a killed process keeps them, a power cut may not) for
+        `make_durable` to sync later: a caller can run that sync beside another, the journal commit's."""
         first = self._take(day)
         fd = os.open(first, os.O_WRONLY | os.O_TRUNC)
         try:
@@ -59,7 +67,8 @@ class Spool:
                     views.pop(0)
                 if views and written:
                     views[0] = views[0][written:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         paths = [first]
@@ -70,6 +79,17 @@ class Spool:
         if copies > 1:
             sync_directory(first.parent)  # the links are new names
         return paths
+
+    @staticmethod
+    def make_durable(paths: list[Path]) -> None:
+        """fsync a file written with durable=False (its links share its bytes; their names were synced)."""
+        if not paths:
+            return
+        fd = os.open(paths[0], os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def sweep_empty(self) -> int:
         """Remove names made ahead and never written (from an earlier run); call before the first write."""
