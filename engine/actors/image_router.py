@@ -16,7 +16,7 @@ where the channel's report_manager step keeps and sends it. A report that cannot
 an error message for the analyst; the document itself is still stored and routed.
 
 Runs on pynetdicom's thread: the order look-up is one short read transaction, the journal rows go through the
-group-commit writer (run_blocking).
+group-commit writer (submit_from_thread, waited for once the file is synced).
 """
 
 from __future__ import annotations

@@ -83,13 +83,8 @@ class Spool:
     @staticmethod
     def make_durable(paths: list[Path]) -> None:
         """fsync a file written with durable=False (its links share its bytes; their names were synced)."""
-        if not paths:
-            return
-        fd = os.open(paths[0], os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if paths:
+            _fsync(paths[0])
 
     def sweep_empty(self) -> int:
         """Remove names made ahead and never written (from an earlier run); call before the first write."""
@@ -114,7 +109,11 @@ class Spool:
 
 
 def sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+    _fsync(directory)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
