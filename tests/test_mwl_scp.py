@@ -349,8 +349,8 @@ def test_tcp_nodelay_on_accepted_sockets(server):
 
 def test_idle_association_waits_for_news_instead_of_polling(server):
     """An open, idle association costs the listener a look every 50 ms, not thousands (pynetdicom's DUL checks
-    its socket every 1 ms, or 0.2 ms as the engine had it for images); a request after the idle second is
-    answered at once, and the association's end closes the DUL's wake-up sockets."""
+    its socket every 1 ms, or 0.2 ms as the engine had it for images); requests after the idle second are
+    answered, and the association's end closes the DUL's wake-up sockets."""
     ae = AE(ae_title="PROBE")
     ae.add_requested_context("1.2.840.10008.1.1")
     before = {t for t in threading.enumerate() if isinstance(t, Association)}

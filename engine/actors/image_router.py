@@ -203,20 +203,18 @@ class ImageRouter:
             raise NoOrder("no order matches the image's accession number or study instance UID")
         coerced: list[int] = []
         data = image.data
+        taken_as_report = self.reports is not None and is_report(image.sop_class_uid)  # reads the coerced dataset
         if match is not None and self.source.coerce:
-            reads_dataset = self.reports is not None and is_report(image.sop_class_uid)  # an SR taken as a report
             coerced, coerced_data = coerce_header(
                 header, values, fill=fill, charset=self.profile.charset, now=self.clock.now(),
                 modifying_system=self.ae_title, source=image.calling_ae,
-                memo=series if cache is not None and not reads_dataset else None)
+                memo=series if cache is not None and not taken_as_report else None)
             if coerced_data is not None:
                 data = coerced_data
         destinations = route_for(self.channel.routes, self.destinations, calling_ae=image.calling_ae,
                                  modality=header.modality, sop_class_uid=image.sop_class_uid)
         names = tuple(tag_names(coerced))
-        report = None
-        if self.reports is not None and is_report(image.sop_class_uid):
-            report = self._report_inbound(image, header.dataset, data, received_at)
+        report = self._report_inbound(image, header.dataset, data, received_at) if taken_as_report else None
         # An SR taken as a report is journaled with what its report channel does with it, which a withdrawal
         # could not undo: its file is synced first.
         sync_beside_journal = report is None

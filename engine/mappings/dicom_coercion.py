@@ -214,8 +214,8 @@ def _encoded_elements(header: Header) -> Iterator[tuple[int, bytes, bool]]:
     respelled = ds.original_character_set != ds._character_set
     encodings = ds.get("SpecificCharacterSet", None)  # the value, as pydicom's write_dataset takes it
     for tag in sorted(ds._dict):
-        if tag & 0xFFFF == 0 and tag >> 16 > 6:
-            continue  # retired group lengths are not written (PS3.5 7.2), as pydicom's writer does
+        if _retired_group_length(tag):
+            continue
         element = ds._dict[tag]
         span = header.spans.get(tag)
         if span is not None and span[0] is element and not (respelled and _charset_bound(element)):
@@ -225,6 +225,11 @@ def _encoded_elements(header: Header) -> Iterator[tuple[int, bytes, bool]]:
             fp.is_implicit_VR, fp.is_little_endian = ts.is_implicit_VR, ts.is_little_endian
             write_data_element(fp, ds[tag] if respelled else ds.get_item(tag), encodings)
             yield tag, fp.getvalue(), False
+
+
+def _retired_group_length(tag: int) -> bool:
+    """Not written (PS3.5 7.2), as pydicom's writer leaves them out."""
+    return tag & 0xFFFF == 0 and tag >> 16 > 6
 
 
 def _finish(header: Header, parts: list[bytes]) -> bytes:
@@ -479,7 +484,7 @@ def _reuse(header: Header, entry: SeriesCoercion, now: datetime) -> bytes | None
     dataset, spans, raw = header.dataset, header.spans, header.raw  # the dataset is as it came: nothing was coerced
     parts: list[bytes] = []
     for tag in sorted({*dataset._dict, *entry.written}):
-        if tag & 0xFFFF == 0 and tag >> 16 > 6:
+        if _retired_group_length(tag):
             continue
         written = entry.written.get(tag)
         if written is not None:
