@@ -106,3 +106,65 @@ def test_a_job_that_fails_half_way_leaves_nothing_and_its_batch_commits_without_
     assert (first, last) == ("whole done", "whole done") and isinstance(item, int)
     assert isinstance(failed, RuntimeError)
     assert sorted(stored(store)) == ["ITEM", "W1", "W2"]
+
+
+def insert(name: str):
+    def work(session):
+        JournalStatements(session.connection()).insert_messages([row(name)])
+        return name
+    return work
+
+
+def test_a_ride_along_job_waits_for_the_next_commit_while_others_arrive_and_shares_it(store):
+    """A delivery recorded sent, in a stream of inbound messages: no fsync of its own ahead of the next message."""
+    writer = JournalWriter(store, journal_items, ride_wait=30.0, ride_horizon=60.0)
+    writer.start()
+
+    async def stream():
+        await writer.submit_item("FIRST")  # traffic: the writer has just committed a job that had to commit now
+        batches = writer.batches
+        riding = writer.submit(insert("SENT"), ride_along=True)
+        await asyncio.sleep(0.3)
+        waited = riding.done()
+        carrier = writer.submit_item("NEXT")
+        results = await asyncio.wait_for(asyncio.gather(riding, carrier), 10)
+        return waited, results, writer.batches - batches
+
+    waited, (sent, next_id), commits = asyncio.run(stream())
+    writer.stop()
+    assert not waited  # it did not commit alone
+    assert sent == "SENT" and isinstance(next_id, int)
+    assert commits == 1  # both in the carrier's commit
+    assert sorted(stored(store)) == ["FIRST", "NEXT", "SENT"]
+
+
+def test_a_ride_along_job_commits_alone_after_its_wait_or_at_once_without_traffic(store):
+    writer = JournalWriter(store, journal_items, ride_wait=0.2, ride_horizon=60.0)
+    writer.start()
+
+    async def alone():
+        quiet = await asyncio.wait_for(writer.submit(insert("QUIET"), ride_along=True), 10)  # no traffic yet
+        await writer.submit_item("FIRST")
+        batches = writer.batches
+        late = await asyncio.wait_for(writer.submit(insert("LATE"), ride_along=True), 10)  # nobody comes
+        return quiet, late, writer.batches - batches
+
+    quiet, late, commits = asyncio.run(alone())
+    writer.stop()
+    assert (quiet, late, commits) == ("QUIET", "LATE", 1)
+    assert stored(store) == ["QUIET", "FIRST", "LATE"]
+
+
+def test_a_ride_along_job_waiting_when_the_writer_stops_is_committed(store):
+    writer = JournalWriter(store, journal_items, ride_wait=30.0, ride_horizon=60.0)
+    writer.start()
+
+    async def stopping():
+        await writer.submit_item("FIRST")
+        riding = writer.submit(insert("SENT"), ride_along=True)
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(writer.stop)
+        return await asyncio.wait_for(riding, 10)
+
+    assert asyncio.run(stopping()) == "SENT"
+    assert stored(store) == ["FIRST", "SENT"]

@@ -196,7 +196,8 @@ class DestinationDispatcher:
         return attempts
 
     async def _record(self, sent: list[tuple[int, int, Attempt]]) -> None:
-        """Mark a run of successful sends in one statement pair (one commit for the run).
+        """Mark a run of successful sends in one statement pair, in the journal's next commit (ride_along: while
+        messages or images arrive, their commit carries it, with no fsync of its own ahead of theirs).
 
         A sender with `send_while_recording` (C-STORE, where each image waits on the PACS storing it) gets its
         next run while that commit is on its way: waiting for it left the forwarding process idle a third of the
@@ -234,7 +235,7 @@ class DestinationDispatcher:
                 {"delivery_id": d, "at": now, "outcome": "sent", "detail": a.response[:2000]} for d, _, a in sent
             ])
 
-        await self.writer.submit(record)
+        await self.writer.submit(record, ride_along=True)
         if done is not None:
             await self.sender.committed(done)
 

@@ -76,6 +76,7 @@ class _Job:
     future: asyncio.Future | concurrent.futures.Future
     loop: asyncio.AbstractEventLoop | None  # None: a caller blocked in another thread (run_blocking)
     item: Any = None
+    ride_along: bool = False  # may wait for the next commit another job starts, instead of starting its own
 
 # Handles many items in one call, returning one result per item, in order.
 BatchHandler = Callable[[Session, list], list]
@@ -90,13 +91,21 @@ class _BatchFailed(Exception):
 RACE_RETRIES = 3
 
 
+# A ride-along job waits for another job's commit only while others arrive (one within RIDE_HORIZON), and at most
+# RIDE_WAIT: under a stream it shares the next commit; alone (a backlog drained after an outage) it commits at once.
+RIDE_WAIT = 0.025
+RIDE_HORIZON = 0.1
+
+
 class JournalWriter:
     """Runs write jobs in batches on one thread; each job's future resolves after the commit."""
 
     def __init__(self, store: Store, batch_handler: BatchHandler | None = None, *, max_batch: int = 500,
-                 commit_delay: float = 0.0) -> None:
+                 commit_delay: float = 0.0, ride_wait: float = RIDE_WAIT, ride_horizon: float = RIDE_HORIZON) -> None:
         self.store = store
         self.commit_delay = commit_delay
+        self.ride_wait, self.ride_horizon = ride_wait, ride_horizon
+        self._carried_at = float("-inf")  # monotonic time the last job that starts its own commit was taken
         self.batch_handler = batch_handler
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -117,16 +126,20 @@ class JournalWriter:
         log.info("journal writer stopped", extra={"commits": self.batches, "jobs": self.jobs,
                                                   "jobs_per_commit": round(self.jobs / max(self.batches, 1), 2)})
 
-    def submit(self, work: Callable[[Session], Any]) -> asyncio.Future:
+    def submit(self, work: Callable[[Session], Any], *, ride_along: bool = False) -> asyncio.Future:
         """Queue `work(session)`; await the returned future for its result once committed.
 
         A job is all or nothing: it runs without a savepoint of its own (SQLite's cost more than the statements
         of a small job), and when one raises, its batch is rolled back and done again with each job in its own
         savepoint, so only that one fails. A job must therefore have no effect but on the session.
+
+        ride_along: a job nobody answers a peer on (a delivery recorded sent) joins the commit of the next job
+        that must commit now (an inbound message, an image), up to RIDE_WAIT later, instead of paying an fsync
+        of its own ahead of it: under a stream of images each such commit had made the next image wait for it.
         """
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Job(work, future, loop))
+        self._queue.put(_Job(work, future, loop, ride_along=ride_along))
         return future
 
     def run_blocking(self, work: Callable[[Session], Any], timeout: float | None = 60.0) -> Any:
@@ -153,12 +166,14 @@ class JournalWriter:
                 return
             batch = [first]
             stop_after = False
-            if self.commit_delay and first.work is None and self._queue.empty():
+            if first.ride_along and time.monotonic() - self._carried_at < self.ride_horizon:
+                stop_after = self._wait_for_carrier(batch)
+            if self.commit_delay and batch[-1].work is None and self._queue.empty() and not stop_after:
                 # Like PostgreSQL's commit_delay: give the other connections' messages, already on their
                 # way through the event loop, a moment to join this commit instead of each paying its own.
                 # Only for inbound messages: a DICOM handler or a delivery record waits alone, undelayed.
                 time.sleep(self.commit_delay)
-            while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch and not stop_after:
                 try:
                     job = self._queue.get_nowait()
                 except queue.Empty:
@@ -167,9 +182,26 @@ class JournalWriter:
                     stop_after = True
                     break
                 batch.append(job)
+            if not all(job.ride_along for job in batch):
+                self._carried_at = time.monotonic()
             self._commit(batch)
             if stop_after:
                 return
+
+    def _wait_for_carrier(self, batch: list) -> bool:
+        """Add jobs to `batch` until one that must commit now arrives, or RIDE_WAIT passes; True at a stop."""
+        deadline = time.monotonic() + self.ride_wait
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                job = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                return False
+            if job is _STOP:
+                return True
+            batch.append(job)
+            if not job.ride_along:
+                return False
+        return False
 
     def _items_together(self, session: Session, items: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
         """Every item in one call, without a savepoint of its own: the common case, and the cheapest."""
