@@ -32,6 +32,7 @@ from engine.mappings.dicom_coercion import (
     fill_values,
     join_header,
     part10,
+    read_header_start,
     split_header,
     tag_names,
 )
@@ -322,3 +323,47 @@ def test_other_old_values_or_an_unchanged_image_take_their_own_path():
         _, changed, out = _coerce_header(done, ts, UNICODE, LATER, memo)
         assert changed == [] and out is None
 
+
+
+def _same_header(got, expected) -> None:
+    assert got.raw == expected.raw and got.tail == expected.tail
+    assert [(e.tag, e.VR, e.value) for e in got.dataset] == [(e.tag, e.VR, e.value) for e in expected.dataset]
+    assert {tag: span[1:] for tag, span in got.spans.items()} == {tag: span[1:] for tag, span in expected.spans.items()}
+    assert join_header(got) == join_header(expected)
+
+
+@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_a_header_read_from_the_first_bytes_is_the_one_read_from_the_whole_dataset(ts):
+    """At every point of a dataset's arrival (private elements, a sequence of undefined length): no header yet, or
+    the very header split_header reads from the whole; and one as soon as the pixel data's element header is in."""
+    data = _with_private_and_undefined_length(ts)
+    whole = split_header(data, ts)
+    # every length through the header and the pixel data element's header, then a sample of the pixel data's
+    lengths = [*range(len(whole.raw) + 64), *range(len(whole.raw) + 64, len(data) + 1, 97), len(data)]
+    found = []
+    for length in lengths:
+        start = read_header_start(data[:length], str(ts))
+        if start is None:
+            continue
+        found.append(length)
+        assert start.raw == whole.raw
+        _same_header(split_header(data, ts, start), whole)
+    assert found == [length for length in lengths if length >= len(whole.raw) + 12]
+
+
+def test_a_header_read_early_is_not_used_for_other_bytes_nor_for_deflated_data():
+    data = encoded(ExplicitVRLittleEndian)
+    other = encoded(ExplicitVRLittleEndian, name="OTHER^NAME", sop_instance_uid="1.2.3.100")
+    start = read_header_start(data[:len(data) // 2], str(ExplicitVRLittleEndian))
+    assert start is not None
+    _same_header(split_header(other, ExplicitVRLittleEndian, start), split_header(other, ExplicitVRLittleEndian))
+    assert split_header(other, ExplicitVRLittleEndian, start).dataset.PatientName == "OTHER^NAME"
+    deflated = encoded(DeflatedExplicitVRLittleEndian)
+    assert read_header_start(deflated, str(DeflatedExplicitVRLittleEndian)) is None
+
+
+def test_a_broken_header_is_left_to_the_whole_dataset_to_refuse():
+    broken = b"\x08\x00\x16\x00UI\x40\x00" + b"1.2" * 3 + encoded(ExplicitVRLittleEndian)[-2060:]
+    assert read_header_start(broken, str(ExplicitVRLittleEndian)) is None
+    with pytest.raises(Malformed):
+        split_header(broken, ExplicitVRLittleEndian)

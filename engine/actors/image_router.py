@@ -39,6 +39,7 @@ from engine.config import Channel, DicomSource, Route, WorklistSettings
 from engine.errors import BadValue, EngineError, Unavailable
 from engine.mappings.dicom_coercion import (
     Header,
+    HeaderStart,
     coerce_header,
     coercion_values,
     fill_values,
@@ -93,6 +94,7 @@ class ReceivedImage:
     sop_instance_uid: str
     transfer_syntax: str
     data: bytes
+    header_start: HeaderStart | None = None  # its header, read while the rest was arriving
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,7 @@ class ImageRouter:
         association (one series, one order): what an A08 changes applies from the next association on.
         """
         received_at = self.clock.utcnow()
-        header = split_header(image.data, image.transfer_syntax)
+        header = split_header(image.data, image.transfer_syntax, image.header_start)
         if header.sop_class_uid != image.sop_class_uid:
             raise SopClassMismatch("the dataset's SOP Class UID differs from the request's")
         if header.sop_instance_uid != image.sop_instance_uid:

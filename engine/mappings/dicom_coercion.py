@@ -128,8 +128,41 @@ def _check_tail(tail: bytes, implicit: bool, little: bool) -> None:
         raise Malformed("pixel data shorter than its declared length")
 
 
-def split_header(data: bytes, transfer_syntax: str) -> Header:
-    """Parse the elements before the pixel data of an encoded dataset (no file meta) (PS3.5 7, A)."""
+@dataclass(frozen=True)
+class HeaderStart:
+    """A header read from the first bytes of a dataset still arriving: what split_header reads from those bytes."""
+
+    dataset: Dataset
+    transfer_syntax: str
+    raw: bytes  # the bytes it was read from, up to the pixel data element
+    spans: dict[int, tuple[RawDataElement, int, int]]
+
+
+def read_header_start(prefix: bytes, transfer_syntax: str) -> HeaderStart | None:
+    """The header, when the first bytes of a dataset hold all of it and the pixel data element's tag; else None.
+
+    Lets the edge parse while the pixel data is still on its way (engine.mwl.storage_scp). Whatever cannot be
+    read here, broken or not all there yet, is left to split_header on the whole dataset, which decides."""
+    ts = UID(transfer_syntax)
+    if not ts.is_transfer_syntax or ts.is_deflated:
+        return None
+    implicit, little = ts.is_implicit_VR, ts.is_little_endian
+    try:
+        ds, spans, offset = _read_header(prefix, implicit, little)
+    except Exception:
+        return None
+    # the parse stopped at the pixel data's tag only if that tag, and the element's header, are in these bytes;
+    # it stopped anywhere else because the bytes ran out
+    if len(prefix) - offset < 12 or _tag_at(prefix, offset, little) not in PIXEL_TAGS:
+        return None
+    return HeaderStart(ds, transfer_syntax, bytes(prefix[:offset]), spans)
+
+
+def split_header(data: bytes, transfer_syntax: str, start: HeaderStart | None = None) -> Header:
+    """Parse the elements before the pixel data of an encoded dataset (no file meta) (PS3.5 7, A).
+
+    `start`: the header already read from the first bytes of this dataset (read_header_start), used when
+    those bytes are the dataset's own."""
     ts = UID(transfer_syntax)
     if not ts.is_transfer_syntax:
         raise Malformed(f"unknown transfer syntax {transfer_syntax}")
@@ -139,6 +172,26 @@ def split_header(data: bytes, transfer_syntax: str) -> Header:
         except zlib.error as exc:
             raise Malformed("deflated dataset cannot be inflated") from exc
     implicit, little = ts.is_implicit_VR, ts.is_little_endian
+    if (start is not None and start.transfer_syntax == transfer_syntax and not ts.is_deflated
+            and data.startswith(start.raw)):
+        ds, spans, offset = start.dataset, start.spans, len(start.raw)
+    else:
+        ds, spans, offset = _read_header(data, implicit, little)
+    tail = data[offset:]
+    if offset < len(data) and _tag_at(data, offset, little) not in PIXEL_TAGS:
+        raise Malformed("dataset cannot be parsed past its header")
+    _check_tail(tail, implicit, little)
+    header = Header(ds, tail, ts, data[:offset], spans)
+    if not header.sop_instance_uid:
+        raise MissingField("SOP Instance UID (0008,0018) missing")
+    if not header.sop_class_uid:
+        raise MissingField("SOP Class UID (0008,0016) missing")
+    return header
+
+
+def _read_header(data: bytes, implicit: bool, little: bool
+                 ) -> tuple[Dataset, dict[int, tuple[RawDataElement, int, int]], int]:
+    """The top-level elements up to the pixel data, where each lies, and where the reading stopped."""
     fp = BytesIO(data)
     try:
         # Reading must fail on a broken element, not warn and carry on with a half-read dataset.
@@ -158,19 +211,12 @@ def split_header(data: bytes, transfer_syntax: str) -> Header:
         raise
     except Exception as exc:
         raise Malformed(f"dataset cannot be parsed: {exc.__class__.__name__}") from exc
-    offset = fp.tell()
-    tail = data[offset:]
-    if offset < len(data) and int.from_bytes(
-            data[offset:offset + 2], "little" if little else "big") << 16 | int.from_bytes(
-            data[offset + 2:offset + 4], "little" if little else "big") not in PIXEL_TAGS:
-        raise Malformed("dataset cannot be parsed past its header")
-    _check_tail(tail, implicit, little)
-    header = Header(ds, tail, ts, data[:offset], spans)
-    if not header.sop_instance_uid:
-        raise MissingField("SOP Instance UID (0008,0018) missing")
-    if not header.sop_class_uid:
-        raise MissingField("SOP Class UID (0008,0016) missing")
-    return header
+    return ds, spans, fp.tell()
+
+
+def _tag_at(data: bytes, offset: int, little: bool) -> int:
+    order = "little" if little else "big"
+    return int.from_bytes(data[offset:offset + 2], order) << 16 | int.from_bytes(data[offset + 2:offset + 4], order)
 
 
 def _spans(ds: Dataset, data: bytes, implicit: bool, little: bool, end: int
