@@ -35,7 +35,7 @@ from pynetdicom.dsutils import split_dataset
 from engine.channels.attempt import Attempt
 from engine.channels.worker_process import STOP_SECONDS, end_worker, spawn_worker
 from engine.config import DicomDestination
-from engine.mwl.dicom_transport import TUNING, quiet_standard_handlers
+from engine.mwl.dicom_transport import TUNING, command_set, quiet_standard_handlers, uid_value, us_value
 from engine.store.spool import Spool
 from engine.tls import client_context
 
@@ -236,22 +236,14 @@ def _send_file(link: "CStoreLink", path: str, destination: str) -> Attempt:
 
 def c_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
     """A C-STORE-RQ command set, medium priority, data set present (PS3.7 9.3.1.1, Implicit VR Little Endian)."""
-    def element(tag: int, value: bytes) -> bytes:
-        return struct.pack("<HHI", 0x0000, tag, len(value)) + value
-
-    def uid(value: str) -> bytes:
-        data = value.encode("ascii")
-        return data + b"\x00" * (len(data) % 2)
-
-    body = b"".join([
-        element(0x0002, uid(sop_class_uid)),  # Affected SOP Class UID
-        element(0x0100, struct.pack("<H", 0x0001)),  # Command Field: C-STORE-RQ
-        element(0x0110, struct.pack("<H", message_id)),  # Message ID
-        element(0x0700, struct.pack("<H", 0x0000)),  # Priority: medium
-        element(0x0800, struct.pack("<H", 0x0001)),  # Command Data Set Type: anything but 0x0101, a data set follows
-        element(0x1000, uid(sop_instance_uid)),  # Affected SOP Instance UID
+    return command_set([
+        (0x0002, uid_value(sop_class_uid)),  # Affected SOP Class UID
+        (0x0100, us_value(0x0001)),  # Command Field: C-STORE-RQ
+        (0x0110, us_value(message_id)),  # Message ID
+        (0x0700, us_value(0x0000)),  # Priority: medium
+        (0x0800, us_value(0x0001)),  # Command Data Set Type: anything but 0x0101, a data set follows
+        (0x1000, uid_value(sop_instance_uid)),  # Affected SOP Instance UID
     ])
-    return element(0x0000, struct.pack("<I", len(body))) + body  # Command Group Length
 
 
 def p_data_tf(context_id: int, value: bytes, maximum_length: int, *, command_set: bool = False) -> list[bytes]:

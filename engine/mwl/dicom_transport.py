@@ -20,6 +20,7 @@ import functools
 import logging
 import select
 import socket
+import struct
 from typing import Any, Callable
 
 from pynetdicom import _config, evt
@@ -146,3 +147,31 @@ def quiet_standard_handlers() -> None:
     command set to do so) even though engine.logs keeps its logger at WARNING: per image, work for nothing.
     Process-wide; read when an association is created."""
     _config.LOG_HANDLER_LEVEL = "none"
+
+
+def command_set(elements: list[tuple[int, bytes]]) -> bytes:
+    """A DIMSE command set from (element of group 0000, value) in tag order: Implicit VR Little Endian (PS3.7 6.3.1),
+    headed by its Command Group Length."""
+    body = b"".join(struct.pack("<HHI", 0x0000, tag, len(value)) + value for tag, value in elements)
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def uid_value(value: str) -> bytes:
+    data = value.encode("ascii")
+    return data + b"\x00" * (len(data) % 2)
+
+
+def us_value(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def c_store_rsp(message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int) -> bytes:
+    """A C-STORE-RSP command set without a data set (PS3.7 9.3.1.2)."""
+    return command_set([
+        (0x0002, uid_value(sop_class_uid)),  # Affected SOP Class UID
+        (0x0100, us_value(0x8001)),  # Command Field: C-STORE-RSP
+        (0x0120, us_value(message_id)),  # Message ID Being Responded To
+        (0x0800, us_value(0x0101)),  # Command Data Set Type: none
+        (0x0900, us_value(status)),
+        (0x1000, uid_value(sop_instance_uid)),  # Affected SOP Instance UID
+    ])

@@ -36,7 +36,9 @@ from pydicom.uid import (
 )
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from engine.actors.image_router import ImageRouter, ReceivedImage
@@ -44,6 +46,7 @@ from engine.config import Config, DicomSource
 from engine.errors import EngineError
 from engine.mappings.dicom_coercion import read_header_start
 from engine.mappings.dicom_worklist import clip
+from engine.mwl.dicom_transport import c_store_rsp
 from engine.store.spool import Spool
 
 if TYPE_CHECKING:
@@ -120,6 +123,39 @@ def on_store(event: Event, router: ImageRouter, engine: "Engine") -> int | Datas
     return SUCCESS
 
 
+def tune_storage(event: Event) -> None:
+    """EVT_CONN_OPEN: what this role changes on each association it may serve (read_headers_early, answer_by_hand)."""
+    read_headers_early(event)
+    answer_by_hand(event)
+
+
+def answer_by_hand(event: Event) -> None:
+    """A C-STORE-RSP without an error comment goes out as a command set encoded here (PS3.7 9.3.1.2).
+
+    pynetdicom builds a pydicom Dataset from the response and encodes it: ~1.2 ms of CPU per image under load, all
+    of it while the modality waits for the answer before sending its next image. Only the encoding is done here;
+    the P-DATA still goes through the association's DUL as pynetdicom's would. Responses with more elements
+    (failures with a comment), and associations where a handler watches EVT_DIMSE_SENT, keep pynetdicom's path."""
+    assoc = event.assoc
+    dimse = assoc.dimse
+    send = dimse.send_msg
+
+    def send_msg(primitive, context_id: int) -> None:
+        if (not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None
+                or primitive.ErrorComment is not None or primitive.OffendingElement is not None
+                or primitive.Status is None or not primitive.AffectedSOPClassUID
+                or not primitive.AffectedSOPInstanceUID or assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+            send(primitive, context_id)
+            return
+        command = c_store_rsp(primitive.MessageIDBeingRespondedTo, str(primitive.AffectedSOPClassUID),
+                              str(primitive.AffectedSOPInstanceUID), primitive.Status)
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # command set, last fragment
+        dimse.dul.send_pdu(pdata)
+
+    dimse.send_msg = send_msg
+
+
 def read_headers_early(event: Event) -> None:
     """EVT_CONN_OPEN: read each C-STORE's header from its first P-DATA fragments, while the rest is arriving.
 
@@ -162,4 +198,4 @@ def dicom_handlers(e: "Engine") -> list[tuple]:
     spool.sweep_empty()
     router = ImageRouter(channel, e.store, e.writer, e.clock, spool,
                          ae_title=e.config.dicom.ae_title, names=e.config.worklist, reports=e.pipelines.process)
-    return [(evt.EVT_C_STORE, on_store, [router, e]), (evt.EVT_CONN_OPEN, read_headers_early)]
+    return [(evt.EVT_C_STORE, on_store, [router, e]), (evt.EVT_CONN_OPEN, tune_storage)]
