@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -168,3 +171,41 @@ def test_a_ride_along_job_waiting_when_the_writer_stops_is_committed(store):
 
     assert asyncio.run(stopping()) == "SENT"
     assert stored(store) == ["FIRST", "SENT"]
+
+
+def test_beside_a_stream_of_commits_the_wal_is_started_over_instead_of_growing(store):
+    """Checkpoints on their own thread while the writer never stops committing (as in serve): the WAL is written
+    again from its start, so the file stays a fraction of what was committed. Before, SQLite could start it over
+    only in a pause between two commits, and the WAL grew by nearly every commit."""
+    writer = JournalWriter(store)
+    writer.start()
+    payload = bytes(32768)
+    commits = 800
+
+    def insert_big(n: int):
+        def work(session):
+            record = row(f"BIG{n}") | {"raw": payload}
+            JournalStatements(session.connection()).insert_messages([record])
+        return work
+
+    stop = threading.Event()
+
+    def checkpoints():
+        while not stop.wait(0.02):
+            writer.checkpoint()
+
+    async def stream():
+        for n in range(commits):
+            await writer.submit(insert_big(n))
+
+    checkpointer = threading.Thread(target=checkpoints)
+    checkpointer.start()
+    try:
+        asyncio.run(stream())
+    finally:
+        stop.set()
+        checkpointer.join()
+        writer.stop()
+    wal = Path(store.url.split("///", 1)[-1] + "-wal").stat().st_size
+    assert len(stored(store)) == commits
+    assert wal < commits * len(payload) / 4

@@ -102,7 +102,7 @@ class Engine:
         while True:
             await asyncio.sleep(interval)
             try:
-                await asyncio.to_thread(self.store.checkpoint)
+                await asyncio.to_thread(self.writer.checkpoint)
             except Exception:  # a busy database: the next round catches up
                 log.warning("sqlite checkpoint failed", exc_info=True)
 

@@ -89,12 +89,14 @@ class Store:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
-    def checkpoint(self) -> None:
-        """Copy the WAL into the database file without blocking writers or readers (PASSIVE)."""
+    def checkpoint(self) -> int:
+        """Copy the WAL into the database file without blocking writers or readers (PASSIVE); returns how many
+        frames the WAL holds, all of them now copied, or 0 when some are not (or not SQLite)."""
         if not self.is_sqlite:
-            return
+            return 0
         with self.engine.connect() as connection:
-            connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            busy, frames, copied = connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+        return frames if not busy and frames == copied else 0
 
     @contextmanager
     def session(self) -> Iterator[Session]:
