@@ -286,17 +286,25 @@ class JournalWriter:
             return
         if self._connection is None:
             self._connection = self.store.engine.connect()
+        if self._restart_wal:
+            self._restart_wal = False
+            self._copy_wal(self._connection)
         try:
-            if self._restart_wal:
-                self._restart_wal = False
-                # outside any transaction (the driver connection is in autocommit mode): a checkpoint waits for none
-                self._connection.connection.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             with self._connection.begin():
                 yield from self._batch_session(self._connection)
         except BaseException:
             connection, self._connection = self._connection, None
             connection.close()  # whatever broke, the next batch starts on a fresh connection
             raise
+
+    @staticmethod
+    def _copy_wal(connection: Connection) -> None:
+        """The writer's own checkpoint pass (see `checkpoint`), outside any transaction: the driver connection is in
+        autocommit mode. A failure costs only the WAL's restart, never the batch."""
+        try:
+            connection.connection.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except Exception:
+            log.warning("journal writer's checkpoint pass failed", exc_info=True)
 
     @staticmethod
     def _batch_session(connection: Connection):

@@ -17,6 +17,7 @@ absent is listed there with an empty value.
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -189,13 +190,19 @@ def split_header(data: bytes, transfer_syntax: str, start: HeaderStart | None = 
     return header
 
 
+# pydicom's reading mode is one setting for the process, switched for the time of a read: two threads switching it at
+# once (two associations, or one's DUL reading a header early beside another's handler) could leave it strict for
+# everyone, or lenient for one that needs it strict.
+_STRICT_READING = threading.Lock()
+
+
 def _read_header(data: bytes, implicit: bool, little: bool
                  ) -> tuple[Dataset, dict[int, tuple[RawDataElement, int, int]], int]:
     """The top-level elements up to the pixel data, where each lies, and where the reading stopped."""
     fp = BytesIO(data)
     try:
         # Reading must fail on a broken element, not warn and carry on with a half-read dataset.
-        with pydicom_config.strict_reading():
+        with _STRICT_READING, pydicom_config.strict_reading():
             ds = read_dataset(fp, implicit, little, stop_when=_stop_at_pixels)
             spans = _spans(ds, data, implicit, little, fp.tell())
             for element in ds._dict.values():  # raw elements as read, before any is converted

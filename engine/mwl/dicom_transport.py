@@ -12,6 +12,9 @@ nothing to do, it blocks in select on the socket and on a wake-up socket that th
 C-STORE-RSP or a C-FIND answer queued by the association's thread, an abort, a kill). So a PDU or a response is
 handled as soon as it comes, and an idle association costs a wake-up every `WAIT_SECONDS`. Other states
 (negotiation, release, closing) keep pynetdicom's own loop: they are short, and their timers need it.
+
+The C-STORE command sets of both directions (the forwarder's requests, the storage SCP's responses) are encoded
+here by hand: pynetdicom builds and encodes a pydicom Dataset for each, a millisecond or more per image.
 """
 
 from __future__ import annotations

@@ -169,7 +169,12 @@ def read_headers_early(event: Event) -> None:
 
     def receive_and_read(primitive) -> None:
         receive(primitive)
-        message = dimse.message  # None once the message is complete
+        try:
+            read_header(dimse.message)  # None once the message is complete
+        except Exception:  # a defect here costs the early read (the handler parses the whole), not the association
+            log.debug("header not read early", exc_info=True)
+
+    def read_header(message) -> None:
         if not isinstance(message, C_STORE_RQ) or not isinstance(message.data_set, BytesIO):
             return
         arrived = message.data_set
