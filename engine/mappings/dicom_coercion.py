@@ -173,8 +173,8 @@ def split_header(data: bytes, transfer_syntax: str, start: HeaderStart | None = 
         except zlib.error as exc:
             raise Malformed("deflated dataset cannot be inflated") from exc
     implicit, little = ts.is_implicit_VR, ts.is_little_endian
-    if (start is not None and start.transfer_syntax == transfer_syntax and not ts.is_deflated
-            and data.startswith(start.raw)):
+    # read_header_start gives none for a deflated syntax: its bytes as they came are not the dataset's
+    if start is not None and start.transfer_syntax == transfer_syntax and data.startswith(start.raw):
         ds, spans, offset = start.dataset, start.spans, len(start.raw)
     else:
         ds, spans, offset = _read_header(data, implicit, little)
