@@ -153,5 +153,5 @@ async def requeue_dead(engine: "Engine", ids: list[int] | None, channel: str | N
         return requeue(session, chosen, engine.clock.utcnow()) if chosen else 0
 
     count = await engine.writer.submit(work)
-    engine.wake_dispatchers()
+    engine.wake_dispatchers(requeued=True)
     return count

@@ -194,15 +194,16 @@ class Engine:
                 self.channel_state[name] = "stopped"
         return plan.report
 
-    def wake_dispatchers(self, *channels: str) -> None:
+    def wake_dispatchers(self, *channels: str, requeued: bool = False) -> None:
         """Deliveries were queued on these channels (none named: on any): their dispatchers look now.
 
         Naming them matters under load: each dispatcher woken asks the journal for its queue, and an image
-        series woke every destination of every channel once per image.
+        series woke every destination of every channel once per image. requeued: some were put back at the
+        head of their queue, which also ends a dispatcher's wait for its failing head's next retry.
         """
         for dispatcher in self.dispatchers:
             if not channels or dispatcher.channel in channels:
-                dispatcher.wakeup.set()
+                dispatcher.wake(requeued=requeued)
 
     def wake_dispatchers_threadsafe(self, *channels: str) -> None:
         """From a thread outside the event loop (pynetdicom's handlers), after a commit that queued deliveries."""

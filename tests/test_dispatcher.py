@@ -1,0 +1,162 @@
+"""A destination's dispatcher: when it asks the journal for its queue, and what wakes it.
+
+Real pieces throughout: a SQLite journal with its writer thread, the MLLP delivery process, and a HIS that is
+down (a closed port) or up (an MLLP listener).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import select
+
+from engine.channels.dispatcher import DestinationDispatcher, requeue
+from engine.channels.journal_writer import JournalWriter
+from engine.clock import Clock
+from engine.config import MllpDestination
+from engine.store.db import Store
+from engine.store.journal_sql import JournalStatements
+from engine.store.tables import Delivery
+from peers import HisListener, free_port
+
+CHANNEL = "relay"
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'journal.db'}")
+    store.migrate()
+    yield store
+    store.dispose()
+
+
+def destination(port: int, *, initial_seconds: float = 30) -> MllpDestination:
+    return MllpDestination(type="mllp", name="his", host="127.0.0.1", port=port, connect_timeout_seconds=1,
+                           retry={"attempts": 10, "initial_seconds": initial_seconds, "multiplier": 2,
+                                  "max_seconds": 60})
+
+
+def queue_messages(control_ids: list[str]):
+    """A writer job: one inbound message row and its queued delivery per control id."""
+    def work(session) -> None:
+        statements = JournalStatements(session.connection())
+        now = datetime.now(timezone.utc)
+        ids = statements.insert_messages([dict(
+            channel=CHANNEL, received_at=now, peer="test", content_type="hl7v2", sender="HIS", control_id=cid,
+            message_type="ORM^O01", charset="utf-8", raw=b"", text="", status="processed", ack_code="AA", error="",
+            accepted_key=None, patient_id=None, accession=None) for cid in control_ids])
+        statements.insert_deliveries([dict(
+            message_id=message_id, channel=CHANNEL, destination="his", status="queued", attempts=0,
+            next_attempt_at=now, content_type="hl7v2", created_at=now, updated_at=now, last_error="", response="",
+            payload=f"MSH|^~\\&|RIS|RAD|HIS|HOSP|20261203||ORM^O01|{cid}|P|2.3.1\rPID|1||1\r".encode())
+            for message_id, cid in zip(ids, control_ids)])
+    return work
+
+
+def deliveries(store: Store) -> list[tuple[str, int]]:
+    with store.session() as session:
+        return [tuple(row) for row in session.execute(select(Delivery.status, Delivery.attempts).order_by(Delivery.id))]
+
+
+async def until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+class Dispatching:
+    """A dispatcher task over a real writer, counting the journal queries it makes."""
+
+    def __init__(self, store: Store, target: MllpDestination, *, idle_poll: float = 1.0) -> None:
+        self.store = store
+        self.writer = JournalWriter(store)
+        self.dispatcher = DestinationDispatcher(store, self.writer, Clock(), CHANNEL, target, idle_poll=idle_poll)
+        self.queries = 0
+        self.on_query = None  # called inside a query, after it read the queue
+        query = self.dispatcher._due
+
+        def counted():
+            self.queries += 1
+            rows = query()
+            if self.on_query is not None:
+                self.on_query()
+            return rows
+
+        self.dispatcher._due = counted
+
+    async def __aenter__(self) -> "Dispatching":
+        self.writer.start()
+        self.task = asyncio.create_task(self.dispatcher.run())
+        return self
+
+    async def __aexit__(self, *_exc) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        self.writer.stop()
+
+
+def test_arrivals_behind_a_failing_head_do_not_make_the_dispatcher_read_its_queue_again(store):
+    """The HIS is down: the head waits for its retry, and each message arriving meanwhile queues behind it.
+    Woken by each one, the dispatcher used to read its whole queue again per arrival (CPU the listener needs)."""
+    async def scenario() -> None:
+        async with Dispatching(store, destination(free_port())) as run:
+            await run.writer.submit(queue_messages(["HEAD"]))
+            run.dispatcher.wake()
+            await until(lambda: deliveries(store)[0] == ("error", 1), 20, "the head's first attempt")
+            queries = run.queries
+            for n in range(40):
+                await run.writer.submit(queue_messages([f"M{n:02d}"]))
+                run.dispatcher.wake()  # what the listener does after each commit
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            assert run.queries == queries, "each arrival read the queue again"
+            assert deliveries(store)[0] == ("error", 1)  # the head still waits for its retry, 30 s off
+            assert {status for status, _ in deliveries(store)[1:]} == {"queued"}
+
+    asyncio.run(scenario())
+
+
+def test_a_requeue_ends_the_wait_for_the_heads_retry(store):
+    """An analyst requeues the failing head (reprocess): it is tried again now, not after its backoff."""
+    async def scenario() -> None:
+        async with Dispatching(store, destination(free_port())) as run:
+            await run.writer.submit(queue_messages(["HEAD"]))
+            run.dispatcher.wake()
+            await until(lambda: deliveries(store)[0] == ("error", 1), 20, "the head's first attempt")
+            with store.session() as session:
+                [head] = session.scalars(select(Delivery.id))
+            await run.writer.submit(lambda session: requeue(session, [head], datetime.now(timezone.utc)))
+            run.dispatcher.wake(requeued=True)
+            # requeued: attempts back to 0, then the immediate try fails again (the HIS is still down)
+            await until(lambda: deliveries(store)[0] == ("error", 1) and run.queries >= 2, 10,
+                        "the requeued head tried again before its 30 s backoff")
+
+    asyncio.run(scenario())
+
+
+def test_a_message_queued_while_the_dispatcher_reads_its_queue_is_sent_without_waiting_for_the_idle_poll(store):
+    his = HisListener().start()
+    try:
+        async def scenario() -> None:
+            async with Dispatching(store, destination(his.port), idle_poll=30) as run:
+                await asyncio.sleep(0.2)  # the first query found nothing; the dispatcher waits for arrivals
+                loop = asyncio.get_running_loop()
+
+                def arrives_during_the_query() -> None:
+                    run.on_query = None
+                    run.writer.run_blocking(queue_messages(["RACE"]))
+                    loop.call_soon_threadsafe(run.dispatcher.wake)
+
+                run.on_query = arrives_during_the_query
+                run.dispatcher.wake()  # an arrival with nothing queued: this query finds an empty queue
+                await until(lambda: len(his.received) == 1, 10,
+                            "the message queued during the query waited for the 30 s idle poll")
+                assert b"|RACE|" in his.received[0]
+
+        asyncio.run(scenario())
+    finally:
+        his.stop()
