@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import tenacity
 from sqlalchemy import insert, update
@@ -174,8 +174,9 @@ class DestinationDispatcher:
                 if self.lease is not None and not await self._hold_lease():
                     return  # lost to another instance (this one stalled past its term): it resends from the head
                 run = [rows[position]]
+                now = self.clock.utcnow()
                 while (len(run) < RUN_LIMIT and position + len(run) < len(rows)
-                       and self._wait(rows[position + len(run)][0], rows[position + len(run)][3]) == 0):
+                       and self._wait(rows[position + len(run)][0], rows[position + len(run)][3], now) == 0):
                     run.append(rows[position + len(run)])
                 attempts = await self._send_run([payload for _, payload, _, _ in run])
                 failed: tuple[int, int, Attempt] | None = None
@@ -256,11 +257,11 @@ class DestinationDispatcher:
         if done is not None:
             await self.sender.committed(done)
 
-    def _wait(self, delivery_id: int, next_at: datetime) -> float:
-        """Seconds until this delivery is due; see due_in."""
+    def _wait(self, delivery_id: int, next_at: datetime, now: datetime | None = None) -> float:
+        """Seconds until this delivery is due; see due_in. `now`: the run's, read once for all its rows."""
         scheduled = self._retry_at.get(delivery_id)
         retry_at = scheduled[1] if scheduled and _aware(scheduled[0]) == _aware(next_at) else None
-        return due_in(next_at, self.clock.utcnow(), retry_at=retry_at, monotonic=self.clock.monotonic(),
+        return due_in(next_at, now or self.clock.utcnow(), retry_at=retry_at, monotonic=self.clock.monotonic(),
                       max_wait=self.destination.retry.max_seconds)
 
     def _failure(self, delivery_id: int, attempts: int, attempt: Attempt):
@@ -299,8 +300,6 @@ def due_in(next_at: datetime, now: datetime, *, retry_at: float | None, monotoni
 
 
 def _aware(value: datetime) -> datetime:
-    from datetime import timezone
-
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
