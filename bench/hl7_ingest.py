@@ -5,7 +5,8 @@ Prints, from one run on this machine:
   - paced load (default 200 msg/s): p50/p99 ACK latency;
   - floor: the database's rate of durable single-row commits (what "committed before ACK" costs unbatched);
   - ceiling: a bare asyncio MLLP server that ACKs without storing or parsing.
-Usage: python bench/hl7_ingest.py [--messages 20000] [--connections 8] [--rate 200]
+Usage: python bench/hl7_ingest.py [--messages 20000] [--connections 8] [--rate 200] [--his-down]
+(--his-down: the same with the destination refusing connections, as during a HIS outage)
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import os
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -152,10 +152,14 @@ def main() -> None:
     parser.add_argument("--commit-delay-ms", type=float, default=None,
                         help="engine.commit_delay_ms for this run (default: the engine's default)")
     parser.add_argument("--profile", metavar="FILE", help="run the engine under py-spy, writing collapsed stacks here")
+    parser.add_argument("--his-down", action="store_true",
+                        help="the destination refuses connections: deliveries queue behind a head in backoff")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="swf-bench-"))
     port, his_port, bare_port = free_port(), free_port(), free_port()
+    # --his-down: the destination is a port nothing listens on (the HIS listener below is then never reached)
+    destination_port = free_port() if args.his_down else his_port
     config = work / "channels.yaml"
     engine_section = f"engine: {{commit_delay_ms: {args.commit_delay_ms}}}\n" if args.commit_delay_ms is not None else ""
     config.write_text(engine_section + textwrap.dedent(f"""\
@@ -163,7 +167,7 @@ def main() -> None:
           - name: bench
             source: {{type: mllp, port: {port}}}
             destinations:
-              - {{name: his, type: mllp, host: 127.0.0.1, port: {his_port}}}
+              - {{name: his, type: mllp, host: 127.0.0.1, port: {destination_port}}}
         """))
     his_count = work / "his-received"
     his = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(his_port), str(his_count)])
@@ -182,6 +186,8 @@ def main() -> None:
 
     def drain(expected: int) -> float:
         """Wait until the destination has everything; returns when it did (perf_counter)."""
+        if args.his_down:
+            return time.perf_counter()
         deadline = time.monotonic() + 180
         while delivered() < expected and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -218,17 +224,20 @@ def main() -> None:
     print(f"hl7_ingest: {args.messages} ORM^O01 over {args.connections} connections, SQLite WAL synchronous=FULL, "
           f"{os.cpu_count()} cores")
     print(f"{'what':44} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
-    print(f"{'engine (journal before ACK, 1 destination)':44} {engine_rate:9.0f} {pct(latencies, .5):8.2f} {pct(latencies, .99):8.2f}")
-    print(f"{'engine, until all delivered to the destination':44} {delivered_rate:9.0f}")
+    label = "engine (journal before ACK, " + ("destination down)" if args.his_down else "1 destination)")
+    print(f"{label:44} {engine_rate:9.0f} {pct(latencies, .5):8.2f} {pct(latencies, .99):8.2f}")
+    if not args.his_down:
+        print(f"{'engine, until all delivered to the destination':44} {delivered_rate:9.0f}")
     print(f"{f'engine paced at {args.rate:.0f} msg/s':44} {len(paced) / args.paced_seconds:9.0f} {pct(paced, .5):8.2f} {pct(paced, .99):8.2f}")
     print(f"{'floor: durable single-row commits (SQLite)':44} {floor:9.0f}")
     print(f"{'ceiling: bare MLLP server, ACK only':44} {bare_rate:9.0f} {pct(bare_lat, .5):8.2f} {pct(bare_lat, .99):8.2f}")
     if not args.profile:
-        print(f"engine CPU per message, received and delivered: {cpu_per_message * 1e6:.0f} us "
+        done = "received, its delivery waiting" if args.his_down else "received and delivered"
+        print(f"engine CPU per message, {done}: {cpu_per_message * 1e6:.0f} us "
               f"(+ {children_per_message * 1e6:.0f} us in its delivery process)")
     print(f"ratio engine / single-row commit rate: {engine_rate / floor:.2f}  (target >= 0.4)")
     print(f"ratio engine / bare MLLP ceiling:      {engine_rate / bare_rate:.2f}")
-    print(f"delivered to the destination: {received} of {expected}")
+    print(f"delivered to the destination: {received} of {expected}" + (" (--his-down: none expected)" if args.his_down else ""))
     for line in (work / "engine.log").read_text(errors="replace").splitlines():
         if "journal writer stopped" in line:
             print(f"engine: {line}")
