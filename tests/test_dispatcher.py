@@ -103,7 +103,7 @@ def test_arrivals_behind_a_failing_head_do_not_make_the_dispatcher_read_its_queu
     """The HIS is down: the head waits for its retry, and each message arriving meanwhile queues behind it.
     Woken by each one, the dispatcher used to read its whole queue again per arrival (CPU the listener needs)."""
     async def scenario() -> None:
-        async with Dispatching(store, destination(free_port())) as run:
+        async with Dispatching(store, destination(free_port()), idle_poll=30) as run:
             await run.writer.submit(queue_messages(["HEAD"]))
             run.dispatcher.wake()
             await until(lambda: deliveries(store)[0] == ("error", 1), 20, "the head's first attempt")
@@ -123,7 +123,7 @@ def test_arrivals_behind_a_failing_head_do_not_make_the_dispatcher_read_its_queu
 def test_a_requeue_ends_the_wait_for_the_heads_retry(store):
     """An analyst requeues the failing head (reprocess): it is tried again now, not after its backoff."""
     async def scenario() -> None:
-        async with Dispatching(store, destination(free_port())) as run:
+        async with Dispatching(store, destination(free_port()), idle_poll=30) as run:
             await run.writer.submit(queue_messages(["HEAD"]))
             run.dispatcher.wake()
             await until(lambda: deliveries(store)[0] == ("error", 1), 20, "the head's first attempt")
@@ -134,6 +134,25 @@ def test_a_requeue_ends_the_wait_for_the_heads_retry(store):
             # requeued: attempts back to 0, then the immediate try fails again (the HIS is still down)
             await until(lambda: deliveries(store)[0] == ("error", 1) and run.queries >= 2, 10,
                         "the requeued head tried again before its 30 s backoff")
+
+    asyncio.run(scenario())
+
+
+def test_a_requeue_made_elsewhere_is_seen_within_the_idle_poll_during_a_backoff(store):
+    """`swf-engine reprocess` runs in a process of its own and cannot wake the engine: the dispatcher behind a
+    failing head still looks at its queue every idle_poll, not only at the head's next retry."""
+    async def scenario() -> None:
+        async with Dispatching(store, destination(free_port()), idle_poll=0.5) as run:
+            await run.writer.submit(queue_messages(["HEAD"]))
+            run.dispatcher.wake()
+            await until(lambda: deliveries(store)[0] == ("error", 1), 20, "the head's first attempt")
+            with store.session() as session:
+                [head] = session.scalars(select(Delivery.id))
+                requeue(session, [head], datetime.now(timezone.utc))
+                session.commit()
+            assert deliveries(store)[0] == ("queued", 0)
+            await until(lambda: deliveries(store)[0] == ("error", 1), 5,
+                        "the head requeued elsewhere tried again before its 30 s backoff")
 
     asyncio.run(scenario())
 

@@ -166,9 +166,11 @@ class DestinationDispatcher:
                     # The head waits for its retry, and whatever arrives meanwhile queues behind it: only a
                     # requeue (a new head) ends this wait early. Woken by each arrival, a dispatcher whose
                     # receiver is down read its whole waiting queue again per inbound commit (a third more CPU
-                    # per message in hl7_ingest with the HIS down). A lease holder wakes to renew before its
-                    # lease runs out, even behind a long backoff.
-                    await self._sleep(min(wait, self.lease.renew_every) if self.lease is not None else wait,
+                    # per message in hl7_ingest with the HIS down). It still looks every idle_poll, as when
+                    # idle, for a requeue made elsewhere (`swf-engine reprocess`, another instance). A lease
+                    # holder wakes to renew before its lease runs out.
+                    pause = min(wait, self.idle_poll)
+                    await self._sleep(min(pause, self.lease.renew_every) if self.lease is not None else pause,
                                       until=self.requeued)
                     return
                 if self.lease is not None and not await self._hold_lease():
