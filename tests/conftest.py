@@ -31,3 +31,14 @@ def postgres():
     cluster = PostgresCluster().start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty journal and domain store on SQLite, migrated (a test file may define its own, with data)."""
+    from engine.store.db import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'swf.db'}")
+    store.migrate()
+    yield store
+    store.dispose()

@@ -10,8 +10,7 @@ import asyncio
 import time
 from datetime import datetime, timezone
 
-import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from engine.channels.dispatcher import DestinationDispatcher, requeue
 from engine.channels.journal_writer import JournalWriter
@@ -19,18 +18,10 @@ from engine.clock import Clock
 from engine.config import MllpDestination
 from engine.store.db import Store
 from engine.store.journal_sql import JournalStatements
-from engine.store.tables import Delivery
+from engine.store.tables import Delivery, DeliveryAttempt
 from peers import HisListener, free_port
 
 CHANNEL = "relay"
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'journal.db'}")
-    store.migrate()
-    yield store
-    store.dispose()
 
 
 def destination(port: int, *, initial_seconds: float = 30) -> MllpDestination:
@@ -104,9 +95,7 @@ def test_arrivals_behind_a_failing_head_do_not_make_the_dispatcher_read_its_queu
     Woken by each one, the dispatcher used to read its whole queue again per arrival (CPU the listener needs)."""
     async def scenario() -> None:
         async with Dispatching(store, destination(free_port()), idle_poll=30) as run:
-            await run.writer.submit(queue_messages(["HEAD"]))
-            run.dispatcher.wake()
-            await until(lambda: deliveries(store)[0] == ("error", 1), 20, "the head's first attempt")
+            await failing_head(run)
             queries = run.queries
             for n in range(40):
                 await run.writer.submit(queue_messages([f"M{n:02d}"]))
@@ -120,20 +109,31 @@ def test_arrivals_behind_a_failing_head_do_not_make_the_dispatcher_read_its_queu
     asyncio.run(scenario())
 
 
+async def failing_head(run: Dispatching) -> int:
+    """Queue one message for the HIS that is down; returns its delivery's id once its first try failed."""
+    await run.writer.submit(queue_messages(["HEAD"]))
+    run.dispatcher.wake()
+    await until(lambda: deliveries(run.store)[0] == ("error", 1), 20, "the head's first attempt")
+    with run.store.session() as session:
+        [head] = session.scalars(select(Delivery.id))
+    return head
+
+
+def tries(store: Store) -> int:
+    with store.session() as session:
+        return session.scalar(select(func.count()).select_from(DeliveryAttempt))
+
+
 def test_a_requeue_ends_the_wait_for_the_heads_retry(store):
-    """An analyst requeues the failing head (reprocess): it is tried again now, not after its backoff."""
+    """An analyst requeues the failing head (admin UI): it is tried again now, not after its 30 s backoff."""
     async def scenario() -> None:
         async with Dispatching(store, destination(free_port()), idle_poll=30) as run:
-            await run.writer.submit(queue_messages(["HEAD"]))
-            run.dispatcher.wake()
-            await until(lambda: deliveries(store)[0] == ("error", 1), 20, "the head's first attempt")
-            with store.session() as session:
-                [head] = session.scalars(select(Delivery.id))
+            head = await failing_head(run)
+            assert tries(store) == 1
             await run.writer.submit(lambda session: requeue(session, [head], datetime.now(timezone.utc)))
             run.dispatcher.wake(requeued=True)
-            # requeued: attempts back to 0, then the immediate try fails again (the HIS is still down)
-            await until(lambda: deliveries(store)[0] == ("error", 1) and run.queries >= 2, 10,
-                        "the requeued head tried again before its 30 s backoff")
+            await until(lambda: tries(store) == 2, 10, "the requeued head tried again before its backoff ended")
+            assert deliveries(store)[0] == ("error", 1)  # the HIS is still down: attempts counted from the requeue
 
     asyncio.run(scenario())
 
@@ -143,16 +143,11 @@ def test_a_requeue_made_elsewhere_is_seen_within_the_idle_poll_during_a_backoff(
     failing head still looks at its queue every idle_poll, not only at the head's next retry."""
     async def scenario() -> None:
         async with Dispatching(store, destination(free_port()), idle_poll=0.5) as run:
-            await run.writer.submit(queue_messages(["HEAD"]))
-            run.dispatcher.wake()
-            await until(lambda: deliveries(store)[0] == ("error", 1), 20, "the head's first attempt")
+            head = await failing_head(run)
             with store.session() as session:
-                [head] = session.scalars(select(Delivery.id))
                 requeue(session, [head], datetime.now(timezone.utc))
                 session.commit()
-            assert deliveries(store)[0] == ("queued", 0)
-            await until(lambda: deliveries(store)[0] == ("error", 1), 5,
-                        "the head requeued elsewhere tried again before its 30 s backoff")
+            await until(lambda: tries(store) == 2, 5, "the head requeued elsewhere tried again before its backoff ended")
 
     asyncio.run(scenario())
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from engine.channels.journal_writer import JournalWriter
@@ -31,14 +29,6 @@ def journal_items(session, items: list[str]) -> list[int]:
     if "BAD" in items:
         raise ValueError("BAD cannot be journaled")
     return ids
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'journal.db'}")
-    store.migrate()
-    yield store
-    store.dispose()
 
 
 def stored(store: Store) -> list[str]:

@@ -41,14 +41,6 @@ def config(**retention) -> Config:
     return Config.model_validate({"engine": retention.get("engine", {}), "channels": channels})
 
 
-@pytest.fixture()
-def store(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'swf.db'}")
-    store.migrate()
-    yield store
-    store.dispose()
-
-
 def add_message(store, *, days_old: float, channel="his_inbound", status="processed", raw=b"MSH|x",
                 deliveries=(), control_id=None) -> int:
     at = NOW - timedelta(days=days_old)
