@@ -19,7 +19,6 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
-    generate_uid,
 )
 
 from engine.config import Route

@@ -4,7 +4,6 @@ and C-STORE responses encoded by hand, as a pynetdicom modality and DCMTK's stor
 from __future__ import annotations
 
 import subprocess
-from io import BytesIO
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
