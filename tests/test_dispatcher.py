@@ -67,12 +67,14 @@ class Dispatching:
         self.writer = JournalWriter(store)
         self.dispatcher = DestinationDispatcher(store, self.writer, Clock(), CHANNEL, target, idle_poll=idle_poll)
         self.queries = 0
+        self.last_rows: list = []  # what the last query returned: (delivery id, payload, tries, next attempt)
         self.on_query = None  # called inside a query, after it read the queue
         query = self.dispatcher._due
 
         def counted():
             self.queries += 1
             rows = query()
+            self.last_rows = rows
             if self.on_query is not None:
                 self.on_query()
             return rows
@@ -110,10 +112,14 @@ def test_arrivals_behind_a_failing_head_do_not_make_the_dispatcher_read_its_queu
 
 
 async def failing_head(run: Dispatching) -> int:
-    """Queue one message for the HIS that is down; returns its delivery's id once its first try failed."""
+    """Queue one message for the HIS that is down; returns its delivery's id once its first try failed and the
+    dispatcher read its queue after that (it then waits for the head's retry)."""
     await run.writer.submit(queue_messages(["HEAD"]))
     run.dispatcher.wake()
     await until(lambda: deliveries(run.store)[0] == ("error", 1), 20, "the head's first attempt")
+    # the failure's commit comes before the query that finds the head not yet due: counting queries from the
+    # commit alone raced that query
+    await until(lambda: run.last_rows and run.last_rows[0][2] == 1, 10, "the query after the head's failure")
     with run.store.session() as session:
         [head] = session.scalars(select(Delivery.id))
     return head
