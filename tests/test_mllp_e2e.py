@@ -162,8 +162,10 @@ def test_destination_down_then_up_delivers_everything_in_order(tmp_path):
     with running_engine(config, data_dir, [port]):
         for n in range(20):
             assert msa(mllp_exchange(port, orm(f"Q{n:02d}")))[1] == "AA"
-        time.sleep(2.0)
-        waiting = journal(data_dir, "select status, attempts, last_error from delivery order by id")
+        deadline = time.monotonic() + 20  # retried at 0.2 s, then 0.4 s: a loaded machine may take longer
+        while (waiting := journal(data_dir, "select status, attempts, last_error from delivery order by id"))[0][1] < 2:
+            assert time.monotonic() < deadline, waiting[0]
+            time.sleep(0.1)
         assert len(waiting) == 20
         assert waiting[0][0] == "error" and waiting[0][1] >= 2 and "connection" in waiting[0][2]
         assert {row[0] for row in waiting[1:]} == {"queued"}  # held behind the head, in order
@@ -174,8 +176,11 @@ def test_destination_down_then_up_delivers_everything_in_order(tmp_path):
             his.stop()
         ids = [m.split(b"\r")[0].split(b"|")[9].decode() for m in received]
         assert ids == [f"Q{n:02d}" for n in range(20)]
-        time.sleep(0.5)
-        assert journal(data_dir, "select distinct status from delivery") == [("sent",)]
+        # the HIS has them; each is recorded sent once its ACK is back in the engine
+        deadline = time.monotonic() + 20
+        while (statuses := journal(data_dir, "select distinct status from delivery")) != [("sent",)]:
+            assert time.monotonic() < deadline, statuses
+            time.sleep(0.1)
 
 
 def test_dead_delivery_can_be_reprocessed(tmp_path):
