@@ -135,6 +135,7 @@ class PatientEvent:
     trigger: str  # A01, A04, A08, A40 ...
     patient: Patient
     prior: PatientIdentity | None = None
+    patient_location: str = ""  # PV1-3 point of care^room^bed; empty: not sent
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 

@@ -178,6 +178,14 @@ def test_patient_issuer_override_and_preferred_issuer():
     assert patient_event(decoded, {"patient_id": "PID-3(1).1"}).patient.identity == PatientIdentity("A1", "HIS2", "PI")
 
 
+def test_an_adt_carries_the_patients_current_location_from_pv1_3():
+    transfer = msg("PID|1||300201^^^HOSP^MR||张三", "PV1|1|I|心内科病房^12^3^HOSP", kind="ADT^A02")
+    assert patient_event(transfer).patient_location == "心内科病房^12^3"
+    assert patient_event(msg("PID|1||300201^^^HOSP^MR||张三", kind="ADT^A08")).patient_location == ""
+    moved = msg("PID|1||300201^^^HOSP^MR||张三", "PV1|1|I|", "ZPV|1|ICU-2", kind="ADT^A02")
+    assert patient_event(moved, {"patient_location": "ZPV-2"}).patient_location == "ICU-2"
+
+
 def test_every_logical_field_can_move():
     """A sender that puts every fact in a Z-segment of its own: each default location is overridable."""
     values = {

@@ -242,6 +242,14 @@ def timestamp(value: str, where: str) -> tuple[str, str]:
     return f"{year}{month}{day}", clock
 
 
+def point_of_care(read: Read) -> str:
+    """PV1-3 (PL) as point of care^room^bed, what DICOM's Current Patient Location shows; a component-level
+    location (a channel's override such as PV1-3.1) is taken whole."""
+    if read.component_level:
+        return read.first
+    return "^".join(read.part(i) for i in (1, 2, 3)).rstrip("^")
+
+
 def date_only(value: str, where: str) -> str:
     """HL7 DT/TS to YYYYMMDD; a year or year-month alone (a birth date partly known) gives empty."""
     digits = value.strip()

@@ -50,7 +50,8 @@ import re
 from typing import Mapping
 
 from engine.errors import BadValue, MissingField
-from engine.mappings.hl7_fields import DEFAULTS, FieldReader, Read, as_message, check_fields, timestamp, trigger_of
+from engine.mappings.hl7_fields import (DEFAULTS, FieldReader, Read, as_message, check_fields, point_of_care,
+                                        timestamp, trigger_of)
 from engine.mappings.hl7_message import DecodedMessage, Hl7Message
 from engine.mappings.hl7_patient import identity_from, patient_event, patient_from, person_name
 from engine.model import CodedValue, EntityId, Order, OrderMessage, RequestedProcedure, ScheduledStep
@@ -119,12 +120,6 @@ def _person(read: Read) -> str:
     return "^".join((read.part(2), read.part(3))).rstrip("^") or read.part(1)
 
 
-def _location(read: Read) -> str:
-    if read.component_level:
-        return read.first
-    return "^".join(read.part(i) for i in (1, 2, 3)).rstrip("^")
-
-
 def _order(reader: FieldReader) -> Order:
     control_read = reader.read("order_control")
     control = control_read.first.upper()
@@ -172,7 +167,7 @@ def _order(reader: FieldReader) -> Order:
         reason=_text(reader.read("reason")),
         department=_coded(reader.read("department")),
         patient_class=reader.read("patient_class").first.upper(),
-        patient_location=_location(reader.read("patient_location")),
+        patient_location=point_of_care(reader.read("patient_location")),
         procedure=RequestedProcedure(
             id=_short(rp_read.first, rp_read, "requested procedure id"),
             code=code,

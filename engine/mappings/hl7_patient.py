@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Mapping
 
 from engine.errors import BadValue, MissingField
-from engine.mappings.hl7_fields import FieldReader, Read, as_message, check_fields, date_only, trigger_of
+from engine.mappings.hl7_fields import (FieldReader, Read, as_message, check_fields, date_only, point_of_care,
+                                        trigger_of)
 from engine.mappings.hl7_message import DecodedMessage, Hl7Message
 from engine.mappings.pinyin import NameReading, PinyinStyle, alphabetic_name, read_name
 from engine.model import Patient, PatientEvent, PatientIdentity, PersonName
@@ -140,7 +141,8 @@ def patient_from(message: DecodedMessage | Hl7Message | FieldReader, fields: Map
 def patient_event(message: DecodedMessage | Hl7Message, fields: Mapping[str, str] | None = None, *,
                   issuer: str = "", id_type: str = "MR",
                   surname_readings: Mapping[str, str] | None = None) -> PatientEvent:
-    """An ADT message as a PatientEvent; MRG-1 (the prior identity) is read when the message has one."""
+    """An ADT message as a PatientEvent; MRG-1 (the prior identity) and PV1-3 (where the patient is now) are read
+    when the message has them."""
     parsed = as_message(message)
     if fields:
         check_fields(fields)
@@ -150,5 +152,8 @@ def patient_event(message: DecodedMessage | Hl7Message, fields: Mapping[str, str
     prior_read = reader.read("prior_patient_id")
     priors = identity_from(prior_read, issuer=issuer, id_type=id_type,
                            issuer_override=reader.read("patient_issuer").first)
+    location_read = reader.read("patient_location")
     return PatientEvent(trigger=trigger, patient=patient, prior=priors[0] if priors else None,
-                        sources={**patient.sources, "prior_patient_id": prior_read.where})
+                        patient_location=point_of_care(location_read),
+                        sources={**patient.sources, "prior_patient_id": prior_read.where,
+                                 "patient_location": location_read.where})
