@@ -302,6 +302,44 @@ def test_order_for_merged_patient_goes_to_survivor(store):
     assert worklist(store)["A2611220008"]["patient_id"] == "300109"
 
 
+def locations(store: Store) -> dict[str, str]:
+    with store.session() as session:
+        return dict(session.execute(select(ImagingOrder.accession, ImagingOrder.patient_location)).all())
+
+
+def with_ward(name: str, trigger: str, ward: str | None) -> bytes:
+    """The file's ADT as another trigger, its PV1-3 replaced by `ward` (None: no PV1 segment at all)."""
+    text = (HL7 / name).read_bytes().decode("utf-8").replace("ADT^A04", f"ADT^{trigger}")
+    segments = [s for s in text.split("\r") if s]
+    if ward is None:
+        segments = [s for s in segments if not s.startswith("PV1|")]
+    else:
+        segments = [s if not s.startswith("PV1|") else "|".join([*s.split("|")[:3], ward, *s.split("|")[4:]])
+                    for s in segments]
+    return ("\r".join(segments) + "\r").encode("utf-8")
+
+
+def test_a_visit_change_moves_the_patients_open_orders_and_leaves_closed_ones(store):
+    run(store, "01_adt_a04_utf8_v231.hl7")
+    run(store, "02_orm_o01_nw_utf8_v231.hl7")
+    second = (HL7 / "02_orm_o01_nw_utf8_v231.hl7").read_bytes()
+    for old, new in ((b"2611220001", b"2611229999"), (b"HIS26112200002", b"HIS26112209999"), (b"2.25.4", b"2.25.5")):
+        second = second.replace(old, new)  # accession, order numbers, control id, Study Instance UID of its own
+    run(store, second)
+    run(store, second.replace(b"ORC|NW", b"ORC|CA").replace(b"HIS26112209999", b"HIS26112209998"))
+    opened = locations(store)
+    assert opened == {"A2611220001": "放射科门诊", "A2611229999": "放射科门诊"}
+
+    result = run(store, with_ward("01_adt_a04_utf8_v231.hl7", "A02", "心内科病房^12^3^HOSP"))
+    assert locations(store) == {"A2611220001": "心内科病房^12^3", "A2611229999": "放射科门诊"}
+    assert "1 open order(s) moved" in result.note
+    for trigger in ("A08", "A06", "A07"):
+        run(store, with_ward("01_adt_a04_utf8_v231.hl7", trigger, None))  # no PV1: the location stays
+        assert locations(store)["A2611220001"] == "心内科病房^12^3"
+    run(store, with_ward("01_adt_a04_utf8_v231.hl7", "A08", "急诊留观^^^HOSP"))
+    assert locations(store)["A2611220001"] == "急诊留观"
+
+
 # --- bad input: typed errors, nothing changed --------------------------------------------------------------
 
 def test_order_for_unknown_patient_rejected(store):

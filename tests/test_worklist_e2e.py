@@ -660,6 +660,31 @@ def test_a08_renames_every_entry_of_the_patient(engine):
     within(ack, renamed)
 
 
+def test_a_transfer_moves_every_open_entry_of_the_patient_to_the_new_ward(engine):
+    """A02 names the ward the patient is in now (PV1-3): Current Patient Location on each of the patient's entries
+    becomes that ward, and nobody else's entry changes (RAD-12)."""
+    if len(NEW_ORDERS) < 2:
+        pytest.skip("index.tsv has fewer than two new orders to schedule")
+    adt = registration_for(NEW_ORDERS[0])
+    patient, bystander = fresh_patient(), fresh_patient()
+    engine.accept(rekey(adt, patient))
+    engine.accept(rekey(adt, bystander))
+    placed = schedule(engine, patient, NEW_ORDERS[:2], adt)
+    schedule(engine, bystander, NEW_ORDERS[:1], adt)
+    before = engine.entries()
+    ward = "心内科病房^12^3"
+    assert not any(v.get("CurrentPatientLocation") == ward for v in before.values())
+    transfer = rekey(adt, patient).set("MSH-9", "ADT^A02").set("PV1-2", "I").set("PV1-3", f"{ward}^HOSP")
+    ack = engine.accept(transfer)
+
+    def moved():
+        mine = engine.entries(f"PatientID={patient}")
+        assert {k[0] for k in mine} == {k.accession for k in placed}
+        assert {v["CurrentPatientLocation"] for v in mine.values()} == {ward}
+        assert others(engine.entries(), patients=[patient]) == others(before, patients=[patient])
+    within(ack, moved)
+
+
 def test_a40_moves_every_order_to_the_survivor(engine):
     """A40: the prior patient's orders follow the survivor; the prior id finds nothing (RAD-12, MRG-1)."""
     a40 = first(lambda r: r["message_type"] == "ADT" and r["trigger"] in MERGE)

@@ -5,9 +5,13 @@ Update), 4.13 (RAD-13 Placer Order Management, changes); HL7 v2.5 3.3 (ADT), 4.4
 
 Runs inside the journal's transaction (the pipeline wraps it in a SAVEPOINT): any EngineError it raises
 rolls back everything it changed and becomes the sender's AE/AR with ERR. Decisions:
-- ADT A01/A04/A05/A28 create or update the patient; A08/A31 update it (creating an unknown one); A40 (and
-  A34) merge MRG-1 into PID-3: the prior's orders move to the survivor, the prior is marked merged_into.
+- ADT A01/A04/A05/A28 create or update the patient; A08/A31 and the visit changes A02 (transfer), A06 and A07
+  (inpatient <-> outpatient) update it (creating an unknown one); A40 (and A34) merge MRG-1 into PID-3: the
+  prior's orders move to the survivor, the prior is marked merged_into.
   Orders never change demographics: a late order must not undo an A08 name correction.
+- Current Patient Location (PV1-3) is the patient's, not the order's: an ADT that sends one moves every open
+  (scheduled or in progress) order of that patient there, so the modality sees the ward the patient is in now.
+  The station chosen at scheduling stays: a transfer does not reschedule.
 - NW creates order + requested procedure + one scheduled step (SCHEDULED). A resent NW whose accession or
   placer number exists is accepted unchanged when it says the same thing, else DuplicateKey. The Study
   Instance UID comes from ZDS-1 or is generated once, and is never regenerated (XO keeps it).
@@ -42,7 +46,8 @@ from engine.model import CodedValue, Order, OrderMessage, Patient
 from engine.store.tables import ImagingOrder, Patient as PatientRow, ScheduledStep as StepRow
 
 REGISTER = {"A01", "A04", "A05", "A28"}
-UPDATE = {"A08", "A31"}
+UPDATE = {"A08", "A31", "A02", "A06", "A07"}
+OPEN_ORDER = ("SC", "IP")
 MERGE = {"A40", "A34"}
 ORDER_MESSAGES = {("ORM", "O01"), ("OMG", "O19"), ("OMI", "O23")}
 STATUS_ONLY = {"SC", "OC", "OK", "CR", "DR", "XR"}  # what a filler or another system reports: no change here
@@ -106,15 +111,17 @@ class OrderFiller:
         event = patient_event(message, work.ctx.fields, **_options(work.settings))
         patient = event.patient
         if trigger in MERGE:
-            self._merge(work, event.patient, event.prior, event.sources.get("prior_patient_id", "MRG^1^1"))
+            row = self._merge(work, event.patient, event.prior, event.sources.get("prior_patient_id", "MRG^1^1"))
         else:
             row = find_patient(work.session, patient)
             if row is None:
-                self._create_patient(work, patient)
+                row = self._create_patient(work, patient)
                 work.notes.append(f"patient registered ({trigger})")
             else:
                 apply_demographics(row, patient, work.now)
                 work.notes.append(f"patient updated ({trigger})")
+        if event.patient_location:
+            self._relocate(work, resolved(work.session, row), event.patient_location)
         if patient.name.unreadable:
             work.notes.append(f"{len(patient.name.unreadable)} name character(s) without a pinyin reading")
         return ActorResult(patient_id=patient.identity.id, note="; ".join(work.notes))
@@ -126,7 +133,16 @@ class OrderFiller:
         work.session.flush()
         return row
 
-    def _merge(self, work: _Work, patient: Patient, prior, prior_where: str) -> None:
+    def _relocate(self, work: _Work, row: PatientRow, location: str) -> None:
+        location = location[:64]  # ImagingOrder.patient_location; DICOM LO
+        moved = work.session.execute(
+            update(ImagingOrder).where(ImagingOrder.patient_ref == row.id, ImagingOrder.status.in_(OPEN_ORDER),
+                                       ImagingOrder.patient_location != location)
+            .values(patient_location=location, updated_at=work.now)).rowcount
+        if moved:
+            work.notes.append(f"{moved} open order(s) moved to the patient's new location")
+
+    def _merge(self, work: _Work, patient: Patient, prior, prior_where: str) -> PatientRow:
         if prior is None:
             raise MissingField(f"message {work.control_id}: merge without a prior identifier ({prior_where})",
                                location=prior_where)
@@ -153,6 +169,7 @@ class OrderFiller:
         prior_row.updated_at = work.now
         work.session.flush()
         work.notes.append(f"merged; {moved} order(s) moved to the surviving patient")
+        return survivor
 
     # --- orders (RAD-2, RAD-13) -----------------------------------------------------------------
 
