@@ -123,6 +123,7 @@ class Order:
     department: CodedValue = CodedValue()  # ordering department (ORC-17)
     patient_class: str = ""  # PV1-2: O, I, E ...
     patient_location: str = ""  # PV1-3 point of care^room^bed
+    admission_id: str = ""  # PV1-19 visit number: DICOM Admission ID
     procedure: RequestedProcedure = RequestedProcedure()
     step: ScheduledStep = ScheduledStep()
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)

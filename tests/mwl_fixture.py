@@ -149,7 +149,7 @@ def load(store: Store, rows: Iterable[Row]) -> None:
                                      procedure_code=row.procedure_code, procedure_scheme="99HIS",
                                      procedure_meaning=row.procedure_meaning, study_instance_uid=row.study_uid,
                                      priority=row.priority, referring_physician=row.referring,
-                                     reason="咳嗽两周", department="放射科", patient_location="门诊",
+                                     reason="咳嗽两周", department="放射科", patient_location="门诊", admission_id=f"V{row.accession[-4:]}",
                                      created_at=now, updated_at=now)
                 session.add(order)
                 orders[row.accession] = order

@@ -39,7 +39,7 @@ def _typed(code: str, value: str, assigner: str = "") -> dict:
     return identifier
 
 
-# 01_adt_a04 + 02_orm_o01 as FHIR: PID-3 -> Patient.identifier, PID-5 -> HumanName, PV1-2/3 -> Encounter,
+# 01_adt_a04 + 02_orm_o01 as FHIR: PID-3 -> Patient.identifier, PID-5 -> HumanName, PV1-2/3/19 -> Encounter,
 # ORC-2/3, OBR-18 -> PLAC/FILL/ACSN identifiers, ZDS-1 -> urn:dicom:uid, OBR-4 -> code, OBR-24 -> DCM category,
 # TQ1 start -> occurrenceDateTime, ORC-9 -> authoredOn, OBR-16/ORC-17 -> PractitionerRole, OBR-31 -> reasonCode.
 ORDER = {
@@ -54,6 +54,8 @@ ORDER = {
         {"resourceType": "PractitionerRole", "id": "req", "practitioner": {"display": "张明"},
          "organization": {"identifier": {"value": "0302"}, "display": "呼吸内科"}},
         {"resourceType": "Encounter", "id": "enc", "status": "in-progress",
+         "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                              "code": "VN"}]}, "value": "V30010101"}],
          "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
          "location": [{"location": {"display": "放射科门诊"}}]},
     ],

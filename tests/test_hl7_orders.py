@@ -178,6 +178,14 @@ def test_patient_issuer_override_and_preferred_issuer():
     assert patient_event(decoded, {"patient_id": "PID-3(1).1"}).patient.identity == PatientIdentity("A1", "HIS2", "PI")
 
 
+def test_an_order_carries_its_visit_number_as_admission_id():
+    decoded = decode((HL7 / "02_orm_o01_nw_utf8_v231.hl7").read_bytes())
+    (order,) = order_message(decoded).orders
+    assert order.admission_id == "V30010101"  # PV1-19
+    no_visit = msg("PID|1||300201^^^HOSP^MR||张三", "PV1|1|O", "ORC|NW|P1", "OBR|1|P1||CT01^胸部CT^99HIS")
+    assert order_message(no_visit).orders[0].admission_id == ""
+
+
 def test_an_adt_carries_the_patients_current_location_from_pv1_3():
     transfer = msg("PID|1||300201^^^HOSP^MR||张三", "PV1|1|I|心内科病房^12^3^HOSP", kind="ADT^A02")
     assert patient_event(transfer).patient_location == "心内科病房^12^3"
@@ -196,6 +204,7 @@ def test_every_logical_field_can_move():
         "step_id": "SPS9", "modality": "CT", "start": "20261201101500", "priority": "S",
         "order_time": "20261201080000", "referring_physician": "D9^李^四", "reason": "^头痛",
         "department": "0101^急诊科", "step_location": "CT-2", "study_instance_uid": "1.2.3.4",
+        "admission_id": "V9^^^HIS9",
     }
     assert set(values) == set(DEFAULTS) - RESULT_FIELDS
     fields = {name: f"ZXX-{n}" for n, name in enumerate(values, start=1)}
@@ -213,7 +222,7 @@ def test_every_logical_field_can_move():
                                                                                                "080000")
     assert (order.referring_physician, order.reason, order.department.meaning) == ("李^四", "头痛", "急诊科")
     assert (order.patient_class, order.patient_location, order.step.location) == ("I", "W9^1^2", "CT-2")
-    assert order.procedure.study_instance_uid == "1.2.3.4"
+    assert (order.procedure.study_instance_uid, order.admission_id) == ("1.2.3.4", "V9")
     event = patient_event(msg("PID|1", zxx, kind="ADT^A40"), fields)
     assert event.prior == PatientIdentity("X8", "HIS9B", "MR")
 

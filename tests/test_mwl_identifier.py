@@ -32,7 +32,7 @@ def row_values(row, profile: CharacterProfile):
                             procedure_code=row.procedure_code if row.modality != "US" else "",
                             procedure_scheme="99HIS", procedure_meaning=row.procedure_meaning,
                             study_instance_uid=row.study_uid, priority=row.priority,
-                            referring_physician=row.referring, reason="", department="放射科", patient_location="")
+                            referring_physician=row.referring, reason="", department="放射科", patient_location="", admission_id="")
     step = SimpleNamespace(step_id=row.step_id, modality=row.modality, station_aet=row.station, station_name="",
                            location="一楼", start_date=row.start_date, start_time=row.start_time, description="",
                            performing_physician="", status=row.status)

@@ -29,7 +29,7 @@ def order(**changes):
         "accession": "A2611220001", "placer_number": "HO1", "filler_number": "RF1", "requested_procedure_id": "RP1",
         "procedure_code": "CT0101", "procedure_scheme": "99HIS", "procedure_meaning": "胸部CT平扫",
         "study_instance_uid": "1.2.826.0.1.3680043.10.543.1", "priority": "S", "referring_physician": "张^伟",
-        "reason": "咳嗽两周（发热）", "department": "放射科", "patient_location": "门诊", **changes})
+        "reason": "咳嗽两周（发热）", "department": "放射科", "patient_location": "门诊", "admission_id": "V30010101", **changes})
 
 
 def step(**changes):
@@ -52,6 +52,7 @@ def test_unicode_profile_has_both_groups_and_iso_ir_192():
     assert ds.RequestedProcedureCodeSequence[0].CodingSchemeDesignator == "99HIS"
     assert ds.RequestedProcedureCodeSequence[0].CodeMeaning == "胸部CT平扫"
     assert ds.RequestedProcedurePriority == "STAT"
+    assert (ds.AdmissionID, ds.CurrentPatientLocation) == ("V30010101", "门诊")
     sps = ds.ScheduledProcedureStepSequence[0]
     assert (sps.ScheduledStationAETitle, sps.Modality, sps.ScheduledProcedureStepStartDate,
             sps.ScheduledProcedureStepStartTime, sps.ScheduledProcedureStepStatus) == \

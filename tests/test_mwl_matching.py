@@ -144,7 +144,7 @@ def test_bad_dates(value):
 
 
 @pytest.mark.parametrize("q,tag", [
-    (query(AdmissionID="A1"), 0x00380010),
+    (query(MedicalAlerts="PENICILLIN"), 0x00102000),
     (query(sps_PreMedication="none"), 0x00400012),
     (query(ModalitiesInStudy="CT"), 0x00080061),
 ])

@@ -200,7 +200,8 @@ def test_every_requested_key_comes_back_and_nothing_else(server):
                        "PatientWeight", "MedicalAlerts", "RequestedProcedureDescription",
                        "RequestedProcedureCodeSequence", "StudyInstanceUID", "AccessionNumber",
                        "ReferencedStudySequence", "ScheduledProcedureStepSequence", "(0009,0010)"}
-        assert ds.AdmissionID == "" and ds.PatientWeight is None and ds.ReferencedStudySequence == []
+        assert ds.AdmissionID == f"V{WANG.accession[-4:]}"  # the visit number (PV1-19) the order came with
+        assert ds.PatientWeight is None and ds.MedicalAlerts == "" and ds.ReferencedStudySequence == []
         # a sequence asked with no item is universal: whole code items come back
         assert ds.RequestedProcedureCodeSequence[0].CodeValue == WANG.procedure_code
         assert ds.RequestedProcedureCodeSequence[0].CodingSchemeDesignator == "99HIS"
@@ -212,6 +213,11 @@ def test_every_requested_key_comes_back_and_nothing_else(server):
         protocol = item.ScheduledProtocolCodeSequence[0]
         assert {e.keyword for e in protocol} == {"CodeValue", "CodeMeaning"}
         assert protocol.CodeMeaning == WANG.procedure_meaning
+
+
+def test_admission_id_is_a_matching_key(server):
+    answer = find(server, [f"AdmissionID=V{WANG.accession[-4:]}", "AccessionNumber"])
+    assert answer.status == 0 and {ds.AccessionNumber for ds in answer.responses} == {WANG.accession}
 
 
 def _wang(server, aet):
@@ -286,7 +292,7 @@ def test_c_echo(server):
 
 
 @pytest.mark.parametrize("keys,status,comment", [
-    (["AdmissionID=ADM1"], 0xA900, "AdmissionID"),
+    (["MedicalAlerts=PENICILLIN"], 0xA900, "MedicalAlerts"),
     ([sps("PreMedication=none")], 0xA900, "PreMedication"),
     (["ReferencedStudySequence[0].ReferencedSOPInstanceUID=1.2.3"], 0xA900, "ReferencedSOPInstanceUID"),
     ([sps("ScheduledProcedureStepStartDate=2026-11-22")], 0xC000, "ScheduledProcedureStepStartDate"),

@@ -53,6 +53,7 @@ def sps(key: str) -> str:
 
 RETURN_KEYS = [
     "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "CurrentPatientLocation",
+    "AdmissionID",
     "AccessionNumber", "ReferringPhysicianName", "RequestingService", "PlacerOrderNumberImagingServiceRequest",
     "FillerOrderNumberImagingServiceRequest", "RequestedProcedureID", "RequestedProcedureDescription",
     "ReasonForTheRequestedProcedure", "RequestedProcedureCodeSequence", "StudyInstanceUID",
@@ -511,6 +512,9 @@ def check_row(story: Story, row: dict, before: dict) -> None:
         else:
             assert key not in before and set(after) == set(before) | {key}
         assert others(after, accessions=[accession]) == others(before, accessions=[accession])
+        visit = Msg.of(row).get("PV1-19.1")
+        if visit:  # the order's visit number is the entry's Admission ID
+            assert entry["AdmissionID"] == visit
         if patient_id in story.wards:  # an admission's ward shows on the inpatient's order (via PV1-3)
             assert entry["CurrentPatientLocation"].startswith(story.wards[patient_id])
         moved = re.search(r"from (\d\d):(\d\d) to (\d\d):(\d\d)", expect)
@@ -860,7 +864,7 @@ def test_bad_input_gets_ae_with_err_and_changes_nothing(engine, known, case, tem
 
 
 @pytest.mark.parametrize("key,status,named", [
-    ("AdmissionID=ADM1", 0xA900, "AdmissionID"),
+    ("MedicalAlerts=PENICILLIN", 0xA900, "MedicalAlerts"),
     ("PatientWeight=70", 0xA900, "PatientWeight"),
     ("StudyDescription=CT", 0xA900, "StudyDescription"),  # not an attribute of the worklist IOD
     (sps("ScheduledProcedureStepStartDate=2026-11-22"), 0xC000, "ScheduledProcedureStepStartDate"),

@@ -332,7 +332,7 @@ def _order_values(order: Order) -> dict[str, str]:
         procedure_meaning=order.procedure.code.meaning[:128], priority=order.priority,
         referring_physician=order.referring_physician[:128], reason=order.reason[:256],
         department=(order.department.meaning or order.department.code)[:64],
-        patient_location=order.patient_location[:64],
+        patient_location=order.patient_location[:64], admission_id=order.admission_id[:64],
     )
 
 

@@ -243,7 +243,8 @@ def worklist_values(patient: PatientRow, order: OrderRow, step: StepRow, profile
         if order.procedure_code else []
     values: Item = {
         **patient_values(patient, profile),
-        # Visit Status (PS3.3 C.3.4)
+        # Visit Identification and Status (PS3.3 C.3.2, C.3.4)
+        0x00380010: text(order.admission_id),  # AdmissionID
         0x00380300: text(order.patient_location),  # CurrentPatientLocation
         # Imaging Service Request (PS3.3 C.4.11)
         0x00080050: order.accession,  # AccessionNumber

@@ -18,7 +18,7 @@ fhir.resources (R4B models, identical to R4 for these resources) does the struct
 | referring physician, department | requester: display, contained Practitioner, or contained PractitionerRole |
 |  | (practitioner + organization) |
 | reason | reasonCode[0] text, else its display or code |
-| patient class, location | encounter -> contained Encounter: class (AMB O, IMP I, EMER E), location[0] display |
+| patient class, location, admission id | encounter -> contained Encounter: class (AMB O, IMP I, EMER E), location[0] display, identifier[0] value (PV1-19) |
 | step location | locationCode[0] text or display |
 | patient | subject: `#id` of a contained Patient (registered when unknown), `Patient/{id}` or a logical |
 |  | identifier of a Patient the engine knows |
@@ -307,11 +307,11 @@ def _requester(request: ServiceRequest) -> tuple[str, CodedValue]:
     return requester.display or "", CodedValue()
 
 
-def _encounter(request: ServiceRequest) -> tuple[str, str]:
-    """Patient class and location (PV1-2, PV1-3) from a contained Encounter."""
+def _encounter(request: ServiceRequest) -> tuple[str, str, str]:
+    """Patient class, location and visit number (PV1-2, PV1-3, PV1-19) from a contained Encounter."""
     reference = request.encounter.reference if request.encounter else ""
     if not reference or not reference.startswith("#"):
-        return "", ""
+        return "", "", ""
     _, encounter = _contained(request, reference, "Encounter", "ServiceRequest.encounter")
     kind = encounter.class_fhir.code.upper() if getattr(encounter, "class_fhir", None) and encounter.class_fhir.code \
         else ""
@@ -320,7 +320,8 @@ def _encounter(request: ServiceRequest) -> tuple[str, str]:
         if item.location is not None and item.location.display:
             location = item.location.display
             break
-    return PATIENT_CLASSES.get(kind, kind[:1]), location
+    visit = next((identifier.value for identifier in encounter.identifier or [] if identifier.value), "")
+    return PATIENT_CLASSES.get(kind, kind[:1]), location, visit
 
 
 def order_message(request: ServiceRequest, *, systems: Mapping[str, str] | None = None, zone: tzinfo | None = None,
@@ -376,7 +377,7 @@ def order_message(request: ServiceRequest, *, systems: Mapping[str, str] | None 
         start = ("", "")
     placed = _wall_time(request.authoredOn, "ServiceRequest.authoredOn", zone) if request.authoredOn else ("", "")
     physician, department = _requester(request)
-    patient_class, patient_location = _encounter(request)
+    patient_class, patient_location, admission_id = _encounter(request)
     patient, demographics = _subject(request, systems, dict(issuer=issuer, id_type=id_type,
                                                             surname_readings=surname_readings))
     description = code.meaning or code.code
@@ -393,6 +394,7 @@ def order_message(request: ServiceRequest, *, systems: Mapping[str, str] | None 
         department=department,
         patient_class=patient_class,
         patient_location=patient_location,
+        admission_id=admission_id,
         procedure=RequestedProcedure(code=code, description=description, study_instance_uid=study_uid),
         step=ScheduledStep(modality=modality, start_date=start[0], start_time=start[1], description=description,
                            location=_text_of(request.locationCode[0]) if request.locationCode else ""),

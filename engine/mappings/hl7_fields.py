@@ -27,6 +27,7 @@ DEFAULTS: dict[str, tuple[str, ...]] = {
     "prior_patient_id": ("MRG-1",),
     "patient_class": ("PV1-2",),
     "patient_location": ("PV1-3",),
+    "admission_id": ("PV1-19",),
     # order (ORC, TQ1, OBR, ZDS)
     "order_control": ("ORC-1",),
     "order_status": ("ORC-5",),

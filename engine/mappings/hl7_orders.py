@@ -18,6 +18,7 @@ whole field (every repetition unless `(n)` names one); with a component it reads
 | prior_patient_id | MRG-1 | A40 merge: the identity merged away |
 | patient_class | PV1-2 | |
 | patient_location | PV1-3 | point of care^room^bed |
+| admission_id | PV1-19 | visit number (CX.1): the worklist's Admission ID |
 | order_control | ORC-1 | |
 | order_status | ORC-5 | |
 | placer_number | ORC-2, OBR-2 | EI: number^namespace |
@@ -168,6 +169,7 @@ def _order(reader: FieldReader) -> Order:
         department=_coded(reader.read("department")),
         patient_class=reader.read("patient_class").first.upper(),
         patient_location=point_of_care(reader.read("patient_location")),
+        admission_id=reader.read("admission_id").first,
         procedure=RequestedProcedure(
             id=_short(rp_read.first, rp_read, "requested procedure id"),
             code=code,

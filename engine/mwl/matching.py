@@ -124,6 +124,7 @@ TOP_LEVEL = {
     0x00401003: Key("priority", lambda: ImagingOrder.priority),
     0x00321060: _text(lambda: ImagingOrder.procedure_meaning),
     0x00321033: _text(lambda: ImagingOrder.department),
+    0x00380010: _text(lambda: ImagingOrder.admission_id),
     0x00380300: _text(lambda: ImagingOrder.patient_location),
     0x00402016: _text(lambda: ImagingOrder.placer_number),
     0x00402017: _text(lambda: ImagingOrder.filler_number),
@@ -342,7 +343,7 @@ STEP = _bundle("step", ScheduledStep, "step_id modality station_aet station_name
                                       "description performing_physician status")
 ORDER = _bundle("order", ImagingOrder, "accession placer_number filler_number requested_procedure_id procedure_code "
                                        "procedure_scheme procedure_meaning study_instance_uid priority "
-                                       "referring_physician reason department patient_location")
+                                       "referring_physician reason department patient_location admission_id")
 PATIENT = _bundle("patient", Patient, "patient_id issuer family_name given_name family_pinyin given_pinyin "
                                       "name_is_latin birth_date sex")
 

@@ -178,6 +178,7 @@ class ImagingOrder(Base):
     reason: Mapped[str] = mapped_column(String(256), default="")
     department: Mapped[str] = mapped_column(String(64), default="")
     patient_location: Mapped[str] = mapped_column(String(64), default="")
+    admission_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
     sender: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
