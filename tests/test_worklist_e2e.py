@@ -638,6 +638,17 @@ def schedule(engine: Engine, patient_id: str, orders: list[dict], registration: 
     return placed
 
 
+def patient_beside_a_bystander(engine: Engine, registration: dict, orders: list[dict]) -> tuple[str, list[Keys]]:
+    """A fresh patient with these orders, and a bystander registered the same way with the first of them: an
+    update of the patient must change the patient's entries and never the bystander's."""
+    patient, bystander = fresh_patient(), fresh_patient()
+    engine.accept(rekey(registration, patient))
+    engine.accept(rekey(registration, bystander))
+    placed = schedule(engine, patient, orders, registration)
+    schedule(engine, bystander, orders[:1], registration)
+    return patient, placed
+
+
 def test_a08_renames_every_entry_of_the_patient(engine):
     """An A08 name correction reaches every scheduled entry of that patient, and nobody else's (RAD-12)."""
     a08 = first(lambda r: r["message_type"] == "ADT" and r["trigger"] in UPDATE
@@ -646,11 +657,7 @@ def test_a08_renames_every_entry_of_the_patient(engine):
         pytest.skip("index.tsv has fewer than three new orders to schedule")
     adt = registration_for(a08)
     assert person_name(adt, engine.config) != person_name(a08, engine.config)
-    patient, bystander = fresh_patient(), fresh_patient()
-    engine.accept(rekey(adt, patient))
-    engine.accept(rekey(adt, bystander))
-    placed = schedule(engine, patient, NEW_ORDERS[:3], adt)
-    schedule(engine, bystander, NEW_ORDERS[:1], adt)
+    patient, placed = patient_beside_a_bystander(engine, adt, NEW_ORDERS[:3])
     before = engine.entries()
     registered = {v["PatientName"] for v in before.values() if v["PatientID"] == patient}
     assert registered == {person_name(adt, engine.config)}
@@ -670,11 +677,7 @@ def test_a_transfer_moves_every_open_entry_of_the_patient_to_the_new_ward(engine
     if len(NEW_ORDERS) < 2:
         pytest.skip("index.tsv has fewer than two new orders to schedule")
     adt = registration_for(NEW_ORDERS[0])
-    patient, bystander = fresh_patient(), fresh_patient()
-    engine.accept(rekey(adt, patient))
-    engine.accept(rekey(adt, bystander))
-    placed = schedule(engine, patient, NEW_ORDERS[:2], adt)
-    schedule(engine, bystander, NEW_ORDERS[:1], adt)
+    patient, placed = patient_beside_a_bystander(engine, adt, NEW_ORDERS[:2])
     before = engine.entries()
     ward = "心内科病房^12^3"
     assert not any(v.get("CurrentPatientLocation") == ward for v in before.values())
