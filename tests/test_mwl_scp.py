@@ -8,6 +8,7 @@ fixture rows in Python.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import re
 import socket
@@ -20,12 +21,13 @@ from typing import Callable
 
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from engine.app import build_engine
 from engine.config import Config
+from engine.mwl.dicom_guard import SupportedContexts
 from engine.mwl.dicom_server import start_dicom_server
 from engine.store.db import Store
 from peers import dcmtk_tool, findscu, free_port
@@ -285,6 +287,20 @@ def test_query_in_gb18030_with_a_backslash_byte_matches(server):
 def _echo(server) -> int:
     return subprocess.run([ECHOSCU, "-aec", AET, "127.0.0.1", str(server.port)], env=ENV, capture_output=True,
                           timeout=30).returncode
+
+
+def test_each_association_gets_its_own_contexts_and_shares_only_their_uids():
+    """pynetdicom deep-copies the listener's contexts per association; the copy may be changed by negotiation
+    without touching the listener's, and the immutable UIDs are not copied (that was most of an association's cost)."""
+    listener = SupportedContexts([build_context(ModalityWorklistInformationFind, ["1.2.840.10008.1.2.1",
+                                                                                  "1.2.840.10008.1.2"])])
+    first, second = copy.deepcopy(listener), copy.deepcopy(listener)
+    assert first[0] is not listener[0] and first[0] is not second[0]
+    assert first[0].abstract_syntax is listener[0].abstract_syntax
+    first[0].context_id, first[0].result = 1, 0x00
+    first[0].transfer_syntax.remove("1.2.840.10008.1.2")
+    assert listener[0].context_id is None and listener[0].result is None
+    assert listener[0].transfer_syntax == second[0].transfer_syntax == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 
 def test_c_echo(server):
