@@ -117,6 +117,7 @@ def write_worklist_files(directory: Path, patients, orders, steps) -> None:
     for order, step in zip(orders, steps):
         values = worklist_values(by_id[order["patient_ref"]], SimpleNamespace(**{
             "placer_number": "", "filler_number": "", "reason": "", "department": "", "patient_location": "",
+            "admission_id": "",
             **order}), SimpleNamespace(location="", performing_physician="", **step), profile)
         if plan is None:  # every generated order has a procedure code: the first item shows every key
             plan = ResponsePlan(to_dataset(values), profile.charset, ExplicitVRLittleEndian)
