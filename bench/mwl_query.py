@@ -11,7 +11,8 @@ Then, in process, where the time of the whole-day answer goes: SQL and rows, ite
 rest of the handler (sending through pynetdicom).
 
 Usage: python bench/mwl_query.py [--sizes 1000,10000] [--large] [--runs 25] [--wl-runs 10]
-                                 [--no-wlmscpfs]
+                                 [--no-wlmscpfs] [--nagle]
+(--nagle: the modality leaves Nagle on, as DCMTK's tools do without TCP_NODELAY=1; wlmscpfs keeps it off)
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ from mwl_fixture import patients as name_table  # noqa: E402
 AET = "SWF_ENGINE"
 STATIONS = [f"ST{n:02d}" for n in range(1, 21)]
 ENV = {**os.environ, "TCP_NODELAY": "1"}
+# --nagle: the modality as DCMTK ships it, Nagle on (its second small write waits for the server's ACK)
+NAGLE_ENV = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
 TODAY = date.today()
 PROCEDURES = [("CT0101", "胸部CT平扫", "CT"), ("MR0301", "头颅MRI平扫", "MR"), ("US0101", "腹部彩超", "US"),
               ("DX0101", "胸部正位片", "DX"), ("CT9001", "CT Chest without contrast", "CT")]
@@ -124,11 +127,11 @@ def write_worklist_files(directory: Path, patients, orders, steps) -> None:
         (directory / f"{order['accession']}.wl").write_bytes(header.getvalue() + plan.encode(values))
 
 
-def timed(cmd: list[str], runs: int) -> list[float]:
+def timed(cmd: list[str], runs: int, env: dict = ENV) -> list[float]:
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        result = subprocess.run(cmd, env=ENV, capture_output=True, timeout=600)
+        result = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
         times.append((time.perf_counter() - started) * 1000)
         if result.returncode:
             raise RuntimeError(f"{cmd[0]} failed: {result.stderr.decode(errors='replace')[-500:]}")
@@ -242,6 +245,7 @@ def run_size(size: int, args, tools: dict[str, str], rows: list[list]) -> None:
                               f"ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate={today}"],
             "whole day": [f"ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate={today}"],
         }
+        client_env = NAGLE_ENV if args.nagle else ENV
         for server, server_port in servers.items():
             runs = args.runs if server == "engine" else args.wl_runs
             echo_cmd = [tools["echoscu"], "-aec", AET, "127.0.0.1", str(server_port)]
@@ -256,8 +260,8 @@ def run_size(size: int, args, tools: dict[str, str], rows: list[list]) -> None:
                 handler_times.ms.clear()
                 finds, nets = [], []
                 for _ in range(runs):  # echo and query in turn: the floor is paired with each query
-                    echo = timed(echo_cmd, 1)[0]
-                    finds.append(timed([*cmd, "127.0.0.1", str(server_port)], 1)[0])
+                    echo = timed(echo_cmd, 1, client_env)[0]
+                    finds.append(timed([*cmd, "127.0.0.1", str(server_port)], 1, client_env)[0])
                     echoes.append(echo)
                     nets.append(finds[-1] - echo)
                 scp = f"{statistics.median(handler_times.ms):.1f}" if server == "engine" and handler_times.ms else ""
@@ -288,6 +292,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=25, help="findscu runs per query against the engine")
     parser.add_argument("--wl-runs", type=int, default=10, help="findscu runs per query against wlmscpfs")
     parser.add_argument("--no-wlmscpfs", action="store_true")
+    parser.add_argument("--nagle", action="store_true",
+                        help="run findscu and echoscu without TCP_NODELAY=1, as DCMTK-based modalities do by default")
     args = parser.parse_args()
     tools = {name: dcmtk_tool(name) for name in ("findscu", "echoscu", "wlmscpfs")}
     if not tools["findscu"] or not tools["echoscu"]:

@@ -3,7 +3,9 @@ and C-STORE responses encoded by hand, as a pynetdicom modality and DCMTK's stor
 
 from __future__ import annotations
 
+import socket
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -14,7 +16,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
 from engine.mappings.dicom_coercion import split_header
-from engine.mwl.dicom_transport import TUNING
+from engine.mwl.dicom_transport import TCP_QUICKACK, TUNING, read_exactly
 from engine.mwl.storage_scp import failure, tune_storage
 from orthanc_peer import NODELAY_ENV, storescu_command
 from peers import free_port
@@ -118,3 +120,20 @@ def test_storescu_takes_the_hand_encoded_success(scp, tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-2000:]
     assert output.count("(Success") == 2 and len(seen) == 2
+
+
+def test_every_read_leaves_the_connection_acknowledging_at_once():
+    """A peer that leaves Nagle on (DCMTK's tools unless TCP_NODELAY=1) holds its second small write until we ACK
+    the first, and Linux delays that ACK up to 40 ms once a connection looks interactive: each such request stalled.
+    After every read the engine's DICOM sockets are back in quick-ACK mode."""
+    if TCP_QUICKACK is None:
+        pytest.skip("TCP_QUICKACK is Linux only")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        with client, server:
+            for request in (b"\x04\x00\x00\x00\x00\x4a" + bytes(74), b"\x05\x00\x00\x00\x00\x04" + bytes(4)):
+                server.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 0)  # delayed ACKs, as Linux sets them itself
+                client.sendall(request)
+                assert bytes(read_exactly(SimpleNamespace(socket=server), len(request))) == request
+                assert server.getsockopt(socket.IPPROTO_TCP, TCP_QUICKACK) == 1

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # The longest the DUL blocks without news; it then looks at its kill flag and its queues once, as pynetdicom would.
 WAIT_SECONDS = 0.05
+# Linux only: acknowledge what arrives at once instead of up to 40 ms later (see quick_ack)
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 DATA_TRANSFER = "Sta6"
 
 
@@ -103,7 +105,9 @@ def tune_connection(event: Event) -> None:
 
     TCP_NODELAY before the first PDU, so no response waits ~40 ms on a delayed ACK: a C-FIND answer is two
     small P-DATA-TF PDUs per match (command, then identifier); with Nagle on, the second waits until the peer
-    acknowledges the first.
+    acknowledges the first. The same stall hits requests from a peer that leaves Nagle on (DCMTK's tools, and
+    modalities built on them, unless TCP_NODELAY=1 is in their environment): its second small write waits for
+    our ACK of the first, which Linux delays. `quick_ack` after every read makes that ACK immediate.
 
     pynetdicom reads a PDU 4 KiB per socket call, growing a bytearray as it goes: 128 calls and as many GIL
     hand-overs for each 512 KiB image. `read_exactly` asks the socket for everything still missing.
@@ -115,6 +119,7 @@ def tune_connection(event: Event) -> None:
     if transport is None or transport.socket is None:
         return
     transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    quick_ack(transport.socket)
     transport.recv = functools.partial(read_exactly, transport)
     event.assoc.dul.swf_wait = DulWait(event.assoc.dul)
     log.debug("dicom connection", extra={"peer": f"{event.address[0]}:{event.address[1]}"})
@@ -130,6 +135,19 @@ def end_connection(event: Event) -> None:
 TUNING = [(evt.EVT_CONN_OPEN, tune_connection), (evt.EVT_CONN_CLOSE, end_connection)]
 
 
+def quick_ack(sock: socket.socket) -> None:
+    """Acknowledge the next segments at once. Linux leaves quick-ACK mode by itself (an interactive connection
+    gets delayed ACKs again), so it is asked for again after every read: one cheap system call.
+
+    Measured against `swf-engine serve` with DCMTK's tools, Nagle on: a findscu worklist query 76 -> 36 ms,
+    echoscu 72 -> 32 ms; with TCP_NODELAY=1 both were 36 and 30 ms already."""
+    if TCP_QUICKACK is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+        except OSError:  # not TCP (a test's socket pair) or already closed: the next read reports a real fault
+            pass
+
+
 def read_exactly(transport: AssociationSocket, size: int) -> bytearray:
     """AssociationSocket.recv's contract: `size` bytes, fewer only when the peer closed; socket errors raise."""
     buffer = bytearray(size)
@@ -140,6 +158,7 @@ def read_exactly(transport: AssociationSocket, size: int) -> bytearray:
             if not count:
                 break
             received += count
+            quick_ack(transport.socket)
     if received < size:
         del buffer[received:]
     return buffer
