@@ -81,3 +81,52 @@ def test_an_idle_connection_is_closed_and_a_busy_one_is_not():
     assert [a.strip(b"\x0b\x1c\r") for a in answers] == [b"ACK A", b"ACK SLOW", b"ACK B", b"ACK C", b"ACK D"]
     assert busy_for > 1.2  # served past three idle timeouts, since it never went quiet for one
     assert closed == b"" and 0.2 < idle_for < 2.0
+
+
+def test_a_frame_written_in_pieces_is_answered_and_each_piece_is_acknowledged_at_once(monkeypatch):
+    """Some HIS write the start block, the message and the end block one by one with Nagle on: each piece then waits
+    for our ACK of the one before, which Linux delays up to 40 ms. While a frame is incomplete the listener asks its
+    socket for quick ACKs after every read (the real setsockopt runs, and is recorded); a frame read whole needs none."""
+    import asyncio
+    import socket
+
+    import engine.channels.mllp as mllp
+    from engine.tcp import TCP_QUICKACK
+    from peers import free_port
+
+    asked: list[int] = []
+    real = mllp.quick_ack
+
+    def recording(sock):
+        real(sock)
+        asked.append(sock.getsockopt(socket.IPPROTO_TCP, TCP_QUICKACK) if TCP_QUICKACK is not None else 1)
+
+    monkeypatch.setattr(mllp, "quick_ack", recording)
+
+    async def answer(block, peer):
+        return b"ACK " + block.payload
+
+    async def scenario():
+        port = free_port()
+        server = mllp.MllpServer("127.0.0.1", port, answer, max_bytes=1024, idle_timeout=5, max_connections=4)
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(frame(b"WHOLE"))
+            whole = await reader.readuntil(b"\x1c\x0d")
+            calls_for_whole = len(asked)
+            for piece in (b"\x0b", b"MSH|PIECES", b"\x1c\x0d"):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.05)  # each piece its own read on the listener's side
+            pieces = await reader.readuntil(b"\x1c\x0d")
+            writer.close()
+            return whole, calls_for_whole, pieces
+        finally:
+            await server.close()
+
+    whole, calls_for_whole, pieces = asyncio.run(scenario())
+    assert whole.strip(b"\x0b\x1c\r") == b"ACK WHOLE" and pieces.strip(b"\x0b\x1c\r") == b"ACK MSH|PIECES"
+    assert calls_for_whole == 0
+    # after the start block and after the message (one call if a loaded machine joined two pieces in one read)
+    assert 1 <= len(asked) <= 2 and all(state == 1 for state in asked)

@@ -16,7 +16,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
 from engine.mappings.dicom_coercion import split_header
-from engine.mwl.dicom_transport import TCP_QUICKACK, TUNING, read_exactly
+from engine.mwl.dicom_transport import TUNING, read_exactly
+from engine.tcp import TCP_QUICKACK
 from engine.mwl.storage_scp import failure, tune_storage
 from orthanc_peer import NODELAY_ENV, storescu_command
 from peers import free_port

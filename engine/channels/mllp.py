@@ -9,6 +9,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from engine.tcp import quick_ack
 from engine.tls import AddressList, peer_subject, refusal_reason
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ class MllpServer:
     async def _conversation(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         framer = FrameReader(self.max_bytes)
         watch = IdleWatch(self.idle_timeout)
+        sock = writer.get_extra_info("socket")
         try:
             while True:
                 try:
@@ -232,6 +234,10 @@ class MllpServer:
                     return
                 if not await self._answer_blocks(framer, data, writer, peer):
                     return
+                if framer.mid_frame:
+                    # a sender writing the start block, the message and the end block one by one, Nagle on, would
+                    # wait ~40 ms for our delayed ACK before each next piece; a whole frame read needs no call
+                    quick_ack(sock)
         finally:
             watch.cancel()
 
