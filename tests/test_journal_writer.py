@@ -198,4 +198,6 @@ def test_beside_a_stream_of_commits_the_wal_is_started_over_instead_of_growing(s
         writer.stop()
     wal = Path(store.url.split("///", 1)[-1] + "-wal").stat().st_size
     assert len(stored(store)) == commits
-    assert wal < commits * len(payload) / 4
+    # Growing, the WAL would hold every commit (> commits * payload); started over, a fraction of that. How small a
+    # fraction depends on when the checkpoint thread gets its turn: on a loaded machine 7.2 MB of 26 was seen.
+    assert wal < commits * len(payload) / 2
