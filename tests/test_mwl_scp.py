@@ -371,8 +371,9 @@ def test_tcp_nodelay_on_accepted_sockets(server):
 
 def test_idle_association_waits_for_news_instead_of_polling(server):
     """An open, idle association costs the listener a look every 50 ms, not thousands (pynetdicom's DUL checks
-    its socket every 1 ms, or 0.2 ms as the engine had it for images); requests after the idle second are
-    answered, and the association's end closes the DUL's wake-up sockets."""
+    its socket every 1 ms, or 0.2 ms as the engine had it for images, and its reactor looks for a DIMSE message
+    every 1 ms); requests after the idle second are answered, and the association's end closes the DUL's wake-up
+    sockets."""
     ae = AE(ae_title="PROBE")
     ae.add_requested_context("1.2.840.10008.1.1")
     before = {t for t in threading.enumerate() if isinstance(t, Association)}
@@ -385,8 +386,12 @@ def test_idle_association_waits_for_news_instead_of_polling(server):
         looks = []
         check = wait._check
         wait._check = lambda: looks.append(1) or check()
+        reactor_looks = []
+        get_msg = acceptor.dimse.get_msg
+        acceptor.dimse.get_msg = lambda block=False: reactor_looks.append(1) or get_msg(block)
         time.sleep(1.0)
         assert 5 <= len(looks) <= 100, f"{len(looks)} socket checks in an idle second"
+        assert 5 <= len(reactor_looks) <= 100, f"{len(reactor_looks)} reactor turns in an idle second"
         for _ in range(20):
             assert assoc.send_c_echo().Status == 0
     finally:

@@ -13,6 +13,10 @@ C-STORE-RSP or a C-FIND answer queued by the association's thread, an abort, a k
 handled as soon as it comes, and an idle association costs a wake-up every `WAIT_SECONDS`. Other states
 (negotiation, release, closing) keep pynetdicom's own loop: they are short, and their timers need it.
 
+`ReactorGate` does the same for the association's own thread (pynetdicom's reactor), which sleeps 1 ms and then
+looks for a DIMSE message, a release or an abort, again and again: a thousand wake-ups a second per association,
+and a request (a C-STORE, a C-FIND) decoded by the DUL waited up to a millisecond for the next look.
+
 The C-STORE command sets of both directions (the forwarder's requests, the storage SCP's responses) are encoded
 here by hand: pynetdicom builds and encodes a pydicom Dataset for each, a millisecond or more per image.
 """
@@ -24,6 +28,7 @@ import logging
 import select
 import socket
 import struct
+import threading
 from typing import Any, Callable
 
 from pynetdicom import _config, evt
@@ -100,6 +105,52 @@ class DulWait:
         self._ringer.close()
 
 
+class ReactorGate:
+    """Stands in for an association's `_reactor_checkpoint` (a threading.Event) so that its reactor waits for news.
+
+    pynetdicom's reactor loop (Association._run_reactor): sleep 1 ms, mark itself paused and wait at the
+    checkpoint, which a user's send_* exchange closes so that the reactor does not take its response; then look
+    once at the DIMSE queue, for a release, an abort, a dead DUL, the idle timer. Here the wait at the checkpoint
+    also waits, up to `WAIT_SECONDS`, for news: a DIMSE message or a DUL primitive queued for the association, or
+    the checkpoint opened (which `kill` does too). It does not wait while either queue holds something, since the
+    loop takes one message per turn. Dead DULs and idle timers are found at the next timeout, as the DUL's own
+    wait does. The reactor counts as paused while it waits here, as it did at the checkpoint, so a user's
+    exchange starts at once instead of spinning until the next turn.
+    """
+
+    def __init__(self, assoc: Any) -> None:
+        self._open = threading.Event()
+        if assoc._reactor_checkpoint.is_set():
+            self._open.set()
+        self._news = threading.Event()
+        self._messages = assoc.dimse.msg_queue
+        self._primitives = assoc.dul.to_user_queue
+        for waiting in (self._messages, self._primitives):
+            waiting.put = self._ringing(waiting.put)
+
+    def _ringing(self, put: Callable[..., None]) -> Callable[..., None]:
+        def put_and_ring(item: Any, block: bool = True, timeout: float | None = None) -> None:
+            put(item, block, timeout)
+            self._news.set()
+        return put_and_ring
+
+    def is_set(self) -> bool:
+        return self._open.is_set()
+
+    def set(self) -> None:
+        self._open.set()
+        self._news.set()
+
+    def clear(self) -> None:
+        self._open.clear()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not (self._messages.queue or self._primitives.queue):
+            self._news.wait(WAIT_SECONDS)
+        self._news.clear()  # before the loop looks at the queues: news after this rings again
+        return self._open.wait(timeout)
+
+
 def tune_connection(event: Event) -> None:
     """EVT_CONN_OPEN, on every association in or out: TCP_NODELAY, PDUs read whole, a DUL that waits for news.
 
@@ -114,8 +165,8 @@ def tune_connection(event: Event) -> None:
     pynetdicom reads a PDU 4 KiB per socket call, growing a bytearray as it goes: 128 calls and as many GIL
     hand-overs for each 512 KiB image. `read_exactly` asks the socket for everything still missing.
 
-    The DUL thread blocks until a PDU or a primitive comes instead of polling (DulWait, below); the
-    association's end (`end_connection`, EVT_CONN_CLOSE) closes what that needs.
+    The DUL thread blocks until a PDU or a primitive comes instead of polling (DulWait, below), and so does the
+    association's reactor (ReactorGate, above); the association's end (`end_connection`, EVT_CONN_CLOSE) closes what that needs.
     """
     transport = event.assoc.dul.socket
     if transport is None or transport.socket is None:
@@ -124,6 +175,7 @@ def tune_connection(event: Event) -> None:
     quick_ack(transport.socket)
     transport.recv = functools.partial(read_exactly, transport)
     event.assoc.dul.swf_wait = DulWait(event.assoc.dul)
+    event.assoc._reactor_checkpoint = ReactorGate(event.assoc)
     log.debug("dicom connection", extra={"peer": f"{event.address[0]}:{event.address[1]}"})
 
 
