@@ -340,6 +340,27 @@ def test_a_visit_change_moves_the_patients_open_orders_and_leaves_closed_ones(st
     assert locations(store)["A2611220001"] == "急诊留观"
 
 
+def test_a_cancelled_transfer_takes_the_open_orders_back_and_a_discharge_keeps_them(store):
+    """RAD-12's other visit events: A12 (cancel transfer) names the ward the patient is back in; A03 (discharge),
+    A13 (cancel discharge) and A11 (cancel admit) are accepted as updates and keep every order."""
+    run(store, "01_adt_a04_utf8_v231.hl7")
+    run(store, "02_orm_o01_nw_utf8_v231.hl7")
+    run(store, with_ward("01_adt_a04_utf8_v231.hl7", "A02", "心内科病房^12^3^HOSP"))
+    assert locations(store) == {"A2611220001": "心内科病房^12^3"}
+    result = run(store, with_ward("01_adt_a04_utf8_v231.hl7", "A12", "放射科门诊^^^HOSP"))
+    assert locations(store) == {"A2611220001": "放射科门诊"}
+    assert "patient updated (A12)" in result.note and "1 open order(s) moved" in result.note
+    renamed = with_ward("01_adt_a04_utf8_v231.hl7", "A03", None).replace("王小东".encode(), "王晓东".encode())
+    for trigger, raw, name in (("A03", renamed, "王^晓东"),
+                               ("A13", with_ward("01_adt_a04_utf8_v231.hl7", "A13", None), "王^小东"),
+                               ("A11", with_ward("01_adt_a04_utf8_v231.hl7", "A11", None), "王^小东")):
+        assert f"patient updated ({trigger})" in run(store, raw).note
+        assert counts(store) == (1, 1, 1)
+        assert locations(store) == {"A2611220001": "放射科门诊"}
+        entry = worklist(store)["A2611220001"]
+        assert (entry["status"], entry["ideographic"]) == ("SCHEDULED", name)  # each PID's name taken
+
+
 # --- bad input: typed errors, nothing changed --------------------------------------------------------------
 
 def test_order_for_unknown_patient_rejected(store):
@@ -386,7 +407,7 @@ def test_missing_accession_when_not_generated(store):
 
 
 @pytest.mark.parametrize("old, new, err, location", [
-    (b"ADT^A04", b"ADT^A03", 201, "MSH^1^9^2"),
+    (b"ADT^A04", b"ADT^A17", 201, "MSH^1^9^2"),  # swap patients: not handled
     (b"ADT^A04", b"SIU^S12", 200, "MSH^1^9"),
     (b"|2.3.1|", b"|3.0|", 203, "MSH^1^12"),
 ])

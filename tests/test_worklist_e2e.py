@@ -690,6 +690,16 @@ def test_a_transfer_moves_every_open_entry_of_the_patient_to_the_new_ward(engine
         assert {v["CurrentPatientLocation"] for v in mine.values()} == {ward}
         assert others(engine.entries(), patients=[patient]) == others(before, patients=[patient])
     within(ack, moved)
+    # A12 cancels the transfer: its PV1-3 is the ward the patient is back in
+    back = "急诊留观"
+    ack = engine.accept(transfer.set("MSH-9", "ADT^A12").set("MSH-10", f"{transfer.get('MSH-10')}C")
+                        .set("PV1-3", f"{back}^^^HOSP"))
+
+    def moved_back():
+        mine = engine.entries(f"PatientID={patient}")
+        assert {v["CurrentPatientLocation"] for v in mine.values()} == {back}
+        assert others(engine.entries(), patients=[patient]) == others(before, patients=[patient])
+    within(ack, moved_back)
 
 
 def test_a40_moves_every_order_to_the_survivor(engine):

@@ -5,9 +5,11 @@ Update), 4.13 (RAD-13 Placer Order Management, changes); HL7 v2.5 3.3 (ADT), 4.4
 
 Runs inside the journal's transaction (the pipeline wraps it in a SAVEPOINT): any EngineError it raises
 rolls back everything it changed and becomes the sender's AE/AR with ERR. Decisions:
-- ADT A01/A04/A05/A28 create or update the patient; A08/A31 and the visit changes A02 (transfer), A06 and A07
-  (inpatient <-> outpatient) update it (creating an unknown one); A40 (and A34) merge MRG-1 into PID-3: the
-  prior's orders move to the survivor, the prior is marked merged_into.
+- ADT A01/A04/A05/A28 create or update the patient; A08/A31 and the visit changes of RAD-12 update it
+  (creating an unknown one): A02 (transfer), A03 (discharge), A06 and A07 (inpatient <-> outpatient) and the
+  cancels A11 (admit), A12 (transfer) and A13 (discharge), whose PV1-3 is where the patient is again. A40 (and
+  A34) merge MRG-1 into PID-3: the prior's orders move to the survivor, the prior is marked merged_into.
+  A discharge leaves the orders as they are: a patient sent home may still come for the examination.
   Orders never change demographics: a late order must not undo an A08 name correction.
 - Current Patient Location (PV1-3) is the patient's, not the order's: an ADT that sends one moves every open
   (scheduled or in progress) order of that patient there, so the modality sees the ward the patient is in now.
@@ -46,7 +48,7 @@ from engine.model import CodedValue, Order, OrderMessage, Patient
 from engine.store.tables import ImagingOrder, Patient as PatientRow, ScheduledStep as StepRow
 
 REGISTER = {"A01", "A04", "A05", "A28"}
-UPDATE = {"A08", "A31", "A02", "A06", "A07"}
+UPDATE = {"A08", "A31", "A02", "A03", "A06", "A07", "A11", "A12", "A13"}
 OPEN_ORDER = ("SC", "IP")
 MERGE = {"A40", "A34"}
 ORDER_MESSAGES = {("ORM", "O01"), ("OMG", "O19"), ("OMI", "O23")}
