@@ -138,6 +138,9 @@ UNSEEN = [
     ("乐正克", "乐正", "克", "yuezheng", "ke"),
     ("子车针", "子车", "针", "ziju", "zhen"),
     ("爱新觉罗溥仪", "爱新觉罗", "溥仪", "aixinjueluo", "puyi"),
+    ("纳兰性德", "纳兰", "性德", "nalan", "xingde"),
+    ("耶律楚材", "耶律", "楚材", "yelv", "chucai"),
+    ("太叔仪", "太叔", "仪", "taishu", "yi"),
     # a compound needs a given name after it: a two-character name is surname + given
     ("欧阳", "欧", "阳", "ou", "yang"),
     ("司马", "司", "马", "si", "ma"),

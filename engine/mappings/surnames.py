@@ -39,7 +39,8 @@ COMPOUND_SURNAMES: dict[str, str] = {
     "夹谷": "jia gu", "宰父": "zai fu", "谷梁": "gu liang", "段干": "duan gan", "南门": "nan men",
     "归海": "gui hai", "羊舌": "yang she", "微生": "wei sheng", "梁丘": "liang qiu", "东门": "dong men",
     "伯赏": "bo shang", "南荣": "nan rong", "谯笪": "qiao da", "阳佟": "yang tong", "即墨": "ji mo",
-    "达奚": "da xi", "褚师": "chu shi", "仉督": "zhang du", "完颜": "wan yan",
+    "达奚": "da xi", "褚师": "chu shi", "仉督": "zhang du", "太叔": "tai shu", "完颜": "wan yan",
+    "耶律": "ye lv", "纳兰": "na lan",
     "爱新觉罗": "ai xin jue luo", "叶赫那拉": "ye he na la", "乌拉那拉": "wu la na la",
     "钮祜禄": "niu hu lu", "赫舍里": "he she li", "瓜尔佳": "gua er jia",
 }
