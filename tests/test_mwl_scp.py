@@ -303,6 +303,25 @@ def test_each_association_gets_its_own_contexts_and_shares_only_their_uids():
     assert listener[0].transfer_syntax == second[0].transfer_syntax == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 
+def test_the_listener_copies_its_contexts_that_way(server):
+    """The running listener (start_guarded_server) hands each association contexts whose UIDs are its own."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    before = {t for t in threading.enumerate() if isinstance(t, Association)}
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=AET)
+    assert assoc.is_established
+    try:
+        [acceptor] = [t for t in threading.enumerate()
+                      if isinstance(t, Association) and t.is_acceptor and t not in before]
+        listener = {str(c.abstract_syntax): c for c in acceptor._server.contexts}
+        assert isinstance(acceptor._server.contexts, SupportedContexts)
+        worklist = listener[str(ModalityWorklistInformationFind)]
+        [mine] = [c for c in acceptor.acceptor.supported_contexts if c.abstract_syntax == worklist.abstract_syntax]
+        assert mine is not worklist and mine.abstract_syntax is worklist.abstract_syntax
+    finally:
+        assoc.release()
+
+
 def test_c_echo(server):
     assert _echo(server) == 0
 
