@@ -12,8 +12,10 @@ spool with fsync, journal, answer, then forward with C-STORE. Each path gets a f
 
 Nagle: Debian's DCMTK, and Orthanc built on it, leave it on unless TCP_NODELAY=1 is in their environment; this
 bench sets it for storescu and both Orthanc instances. The engine sets TCP_NODELAY on its own sockets, in and out.
+`--nagle` runs storescu without it, as a modality built on DCMTK sends unless someone set the variable (both
+Orthanc instances keep it): the same comparison for such a modality.
 
-Usage: python bench/store_route.py [--images 200] [--size 512] [--runs 1]
+Usage: python bench/store_route.py [--images 200] [--size 512] [--runs 1] [--nagle]
 """
 
 from __future__ import annotations
@@ -41,10 +43,13 @@ def hl7(name: str) -> bytes:
     return data.replace(b"\r\n", b"\r").replace(b"\n", b"\r").strip(b"\r")
 
 
+MODALITY_ENV = dict(NODELAY_ENV)  # --nagle takes TCP_NODELAY out
+
+
 def send(port: int, files: list[Path], aec: str) -> float:
     command = storescu_command(port, files, aec=aec)  # finding DCMTK's storescu on PATH takes a while the first time
     started = time.perf_counter()
-    done = subprocess.run(command, env=NODELAY_ENV, capture_output=True, text=True)
+    done = subprocess.run(command, env=MODALITY_ENV, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     if done.returncode != 0 or done.stdout.count("(Success") + done.stderr.count("(Success") != len(files):
         raise RuntimeError(f"storescu failed:\n{(done.stdout + done.stderr)[-2000:]}")
@@ -90,14 +95,18 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--nagle", action="store_true", help="storescu with Nagle on (no TCP_NODELAY=1)")
     args = parser.parse_args()
+    if args.nagle:
+        MODALITY_ENV.pop("TCP_NODELAY", None)
     with tempfile.TemporaryDirectory(prefix="store-route-") as name:
         tmp = Path(name)
         study = write_ct_study(tmp / "study", args.images, accession=ACCESSION, patient_name="WRONG^PATIENT",
                                patient_id="WRONG-ID", size=args.size)
         megabytes = sum(f.stat().st_size for f in study.files) / 1e6
         print(f"{args.images} images {args.size}x{args.size} 16-bit, {megabytes:.0f} MB; "
-              f"TCP_NODELAY=1 set for storescu and Orthanc; cpus={os.cpu_count()}")
+              f"TCP_NODELAY=1 set for {'Orthanc (storescu with Nagle on)' if args.nagle else 'storescu and Orthanc'}; "
+              f"cpus={os.cpu_count()}")
         direct_times, routed_times, accepted_times = [], [], []
         for run in range(args.runs):
             direct_times.append(direct(tmp / f"run{run}", study.files))
