@@ -8,6 +8,7 @@ fixture rows in Python.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
 import re
@@ -17,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 from pydicom.dataset import Dataset
@@ -303,23 +304,30 @@ def test_each_association_gets_its_own_contexts_and_shares_only_their_uids():
     assert listener[0].transfer_syntax == second[0].transfer_syntax == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 
-def test_the_listener_copies_its_contexts_that_way(server):
-    """The running listener (start_guarded_server) hands each association contexts whose UIDs are its own."""
+@contextlib.contextmanager
+def probe_association(server, sop_class) -> Iterator[tuple[Association, Association]]:
+    """An association of ours with the listener, and the listener's side of it (its acceptor thread)."""
     ae = AE(ae_title="PROBE")
-    ae.add_requested_context(ModalityWorklistInformationFind)
+    ae.add_requested_context(sop_class)
     before = {t for t in threading.enumerate() if isinstance(t, Association)}
     assoc = ae.associate("127.0.0.1", server.port, ae_title=AET)
     assert assoc.is_established
     try:
         [acceptor] = [t for t in threading.enumerate()
                       if isinstance(t, Association) and t.is_acceptor and t not in before]
+        yield assoc, acceptor
+    finally:
+        assoc.release()
+
+
+def test_the_listener_copies_its_contexts_that_way(server):
+    """The running listener (start_guarded_server) hands each association contexts whose UIDs are its own."""
+    with probe_association(server, ModalityWorklistInformationFind) as (_, acceptor):
         listener = {str(c.abstract_syntax): c for c in acceptor._server.contexts}
         assert isinstance(acceptor._server.contexts, SupportedContexts)
         worklist = listener[str(ModalityWorklistInformationFind)]
         [mine] = [c for c in acceptor.acceptor.supported_contexts if c.abstract_syntax == worklist.abstract_syntax]
         assert mine is not worklist and mine.abstract_syntax is worklist.abstract_syntax
-    finally:
-        assoc.release()
 
 
 def test_c_echo(server):
@@ -393,14 +401,7 @@ def test_idle_association_waits_for_news_instead_of_polling(server):
     its socket every 1 ms, or 0.2 ms as the engine had it for images, and its reactor looks for a DIMSE message
     every 1 ms); requests after the idle second are answered, and the association's end closes the DUL's wake-up
     sockets."""
-    ae = AE(ae_title="PROBE")
-    ae.add_requested_context("1.2.840.10008.1.1")
-    before = {t for t in threading.enumerate() if isinstance(t, Association)}
-    assoc = ae.associate("127.0.0.1", server.port, ae_title=AET)
-    assert assoc.is_established
-    try:
-        [acceptor] = [t for t in threading.enumerate()
-                      if isinstance(t, Association) and t.is_acceptor and t not in before]
+    with probe_association(server, "1.2.840.10008.1.1") as (assoc, acceptor):
         wait = acceptor.dul.swf_wait
         looks = []
         check = wait._check
@@ -413,8 +414,6 @@ def test_idle_association_waits_for_news_instead_of_polling(server):
         assert 5 <= len(reactor_looks) <= 100, f"{len(reactor_looks)} reactor turns in an idle second"
         for _ in range(20):
             assert assoc.send_c_echo().Status == 0
-    finally:
-        assoc.release()
     acceptor.join(5)
     assert not acceptor.is_alive()
     assert wait._bell.fileno() == -1 and wait._ringer.fileno() == -1
