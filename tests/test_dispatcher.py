@@ -12,14 +12,17 @@ from datetime import datetime, timezone
 
 from sqlalchemy import func, select
 
+from engine.actors.order_filler import OrderFiller
 from engine.channels.dispatcher import DestinationDispatcher, requeue
 from engine.channels.journal_writer import JournalWriter
-from engine.clock import Clock
-from engine.config import MllpDestination
+from engine.channels.pipeline import Inbound, Pipelines
+from engine.clock import Clock, Ids
+from engine.config import Config, MllpDestination
+from engine.mappings.hl7_message import sniff_header
 from engine.store.db import Store
 from engine.store.journal_sql import JournalStatements
 from engine.store.tables import Delivery, DeliveryAttempt
-from peers import HisListener, free_port
+from peers import HL7_DIR, HisListener, free_port
 
 CHANNEL = "relay"
 
@@ -180,3 +183,33 @@ def test_a_message_queued_while_the_dispatcher_reads_its_queue_is_sent_without_w
         asyncio.run(scenario())
     finally:
         his.stop()
+
+
+def test_a_message_names_the_channels_whose_dispatchers_it_must_wake(store):
+    """The engine wakes only the dispatchers of channels that got deliveries (each woken one reads its queue):
+    a relayed message names its own channel, a filtered one none, and so does an ADT the order filler takes."""
+    config = Config.model_validate({"channels": [
+        {"name": CHANNEL, "source": {"type": "mllp", "port": free_port()},
+         "steps": [{"type": "filter", "message_types": ["ORM^O01"]}],
+         "destinations": [{"type": "mllp", "name": "his", "host": "127.0.0.1", "port": 9}]},
+        {"name": "orders", "source": {"type": "mllp", "port": free_port()},
+         "steps": [{"type": "actor", "actor": "order_filler"}],
+         "destinations": [{"type": "mllp", "name": "ris", "host": "127.0.0.1", "port": 9}]},
+    ]})
+    pipelines = Pipelines(config.channels, {"order_filler": OrderFiller()}, clock=Clock(), ids=Ids(),
+                          settings={"order_filler": config.worklist})
+
+    def feed(channel: str, name: str) -> frozenset[str]:
+        raw = next(HL7_DIR.glob(f"{name}*")).read_bytes()
+        with store.session() as session:
+            outcome = pipelines.process(session, Inbound(channel, raw, "test", datetime.now(timezone.utc),
+                                                         sniff_header(raw, fallback_codec="gb18030")))
+            session.commit()
+        assert outcome.ack_code == "AA", outcome.error
+        return outcome.queued_on
+
+    assert feed(CHANNEL, "02_orm_o01") == {CHANNEL}
+    assert feed(CHANNEL, "01_adt_a04") == frozenset()  # filtered
+    assert feed("orders", "01_adt_a04") == frozenset()  # taken by the actor, nothing sent on
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(Delivery)) == 1

@@ -64,13 +64,15 @@ def test_held_report_is_linked_and_sent_when_its_order_arrives(site):
     store, feed = site
     held = feed(variant(FINAL, "R1", "P"))
     assert (held.ack_code, held.status) == ("AA", "processed")
-    assert "held" in held.result.note and deliveries(store) == []
+    assert "held" in held.result.note and deliveries(store) == [] and held.queued_on == frozenset()
     for name in ("01_adt_a04_utf8_v231.hl7", "02_orm_o01_nw_utf8_v231.hl7"):
         assert feed((HL7_DIR / name).read_bytes()).ack_code == "AA"
     final = feed(variant(FINAL, "R2", "F"))
     assert final.ack_code == "AA", final.error
     # the held preliminary first, then the final: each to the HIS and to the EMR
     assert deliveries(store) == [("his", "hl7v2"), ("emr", "fhir+json"), ("his", "hl7v2"), ("emr", "fhir+json")]
+    with store.session() as session:  # the channels the engine wakes the dispatchers of: those of the deliveries
+        assert final.queued_on == set(session.scalars(select(Delivery.channel))) and final.queued_on
     with store.session() as session:
         (report,) = session.scalars(select(Report)).all()
         assert report.order is not None and [v.status for v in report.versions] == ["preliminary", "final"]

@@ -113,6 +113,7 @@ class Stored:
     coerced: tuple[str, ...]
     destinations: tuple[str, ...]
     report: Outcome | None = None  # an SR taken as a report: what its own journal message became
+    queued_on: tuple[str, ...] = ()  # channels given deliveries: the image's, and the report's
 
 
 def route_for(routes: Sequence[Route], destinations: Sequence[str], *, calling_ae: str, modality: str,
@@ -270,7 +271,9 @@ class ImageRouter:
             log.warning("SR not taken as a report", extra={
                 "channel": self.channel.name, "calling_ae": image.calling_ae, "message_id": outcome.message_id,
                 "sop_instance_uid": image.sop_instance_uid, "error": str(outcome.error)})
-        return Stored(message_id, match is not None, names, tuple(destinations), outcome)
+        queued_on = dict.fromkeys([self.channel.name] if destinations else [])
+        queued_on.update(dict.fromkeys(outcome.queued_on if outcome else ()))
+        return Stored(message_id, match is not None, names, tuple(destinations), outcome, tuple(queued_on))
 
     def _report_inbound(self, image: ReceivedImage, dataset, data: bytes, received_at) -> Inbound:
         """The SR as a report message for the report channel: its model, or why it is none."""

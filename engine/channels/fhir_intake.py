@@ -119,8 +119,8 @@ def _create_endpoint(engine: "Engine", channel: Channel):
             outcome: Outcome = await engine.writer.submit_item(inbound)
         except EngineError as exc:
             return _error(exc)
-        if outcome.status == "processed":
-            engine.wake_dispatchers()
+        if outcome.queued_on:
+            engine.wake_dispatchers(*outcome.queued_on)
         log.debug("fhir %s", outcome.status, extra={"channel": channel.name, "message_id": outcome.message_id})
         if outcome.error is not None:
             return _error(outcome.error)

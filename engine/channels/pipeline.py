@@ -66,6 +66,7 @@ class Outcome:
     message_id: int | None
     error: EngineError | None = None
     result: ActorResult | None = None  # what the actors did, for edges that answer with more than a code
+    queued_on: frozenset[str] = frozenset()  # channels that got deliveries: only their dispatchers need waking
 
 
 def accepted_key(channel: str, sender: str, control_id: str) -> str | None:
@@ -99,8 +100,8 @@ class Pipelines:
         statements = JournalStatements(session.connection())
         # A planned item is copied, never changed: a batch that fails is redone from the same items, and this
         # pass's ids, duplicates and actor results must not carry over into that one.
-        plans = [replace(item, result=ActorResult()) if isinstance(item, Plan) else self.plan(item)
-                 for item in inbounds]
+        plans = [replace(item, result=ActorResult(), queued_on=frozenset()) if isinstance(item, Plan)
+                 else self.plan(item) for item in inbounds]
         keys = [plan.key for plan in plans if plan.key and plan.status != "error"]
         earlier = statements.accepted(keys)
         first_in_batch: dict[str, Plan] = {}
@@ -127,6 +128,8 @@ class Pipelines:
                 self._run_actors(session, plan)
             else:
                 relay_rows += [{**row, "message_id": plan.message_id} for row in plan.relay]
+                if plan.relay:
+                    plan.queued_on = frozenset((plan.channel.name,))
         statements.insert_deliveries(relay_rows)
         return [plan.outcome() for plan in plans]
 
@@ -190,12 +193,12 @@ class Pipelines:
                         raise
                     log.info("actor lost a race with another instance; retrying",
                              extra={"channel": plan.channel.name, "message_id": plan.message_id})
-                    plan.result = ActorResult()
+                    plan.result, plan.queued_on = ActorResult(), frozenset()
         except EngineError as exc:
-            plan.status, plan.error = "error", exc
+            plan.status, plan.error, plan.queued_on = "error", exc, frozenset()
         except Exception as exc:  # a defect: keep the message, answer AE, let the analyst reprocess
             log.exception("channel step failed", extra={"channel": plan.channel.name, "message_id": plan.message_id})
-            plan.status = "error"
+            plan.status, plan.queued_on = "error", frozenset()
             plan.error = EngineError(f"internal error ({type(exc).__name__}); message kept as id {plan.message_id}")
         values: dict = {}
         if plan.status == "error":
@@ -231,6 +234,8 @@ class Pipelines:
                 target = target.model_copy(update={"destinations": [
                     d for d in target.destinations if d.name in outbound.destinations]})
             self.enqueue(session, target, plan.message_id, outbound)
+            if target.destinations:
+                plan.queued_on |= {target.name}
 
     def _relay_rows(self, plan: "Plan") -> list[dict]:
         """A channel without an actor relays what it received, as transformed by its steps (message_id is set
@@ -305,6 +310,7 @@ class Plan:
     same_as: "Plan | None" = None
     row: dict = field(default_factory=dict)  # its message row
     relay: list[dict] = field(default_factory=list)  # a relay channel's delivery rows
+    queued_on: frozenset[str] = frozenset()  # channels given deliveries in this pass
 
     def outcome(self) -> Outcome:
         if self.duplicate_of is not None:
@@ -313,7 +319,7 @@ class Plan:
             first = self.same_as.outcome()
             return Outcome(first.ack_code, "duplicate", first.message_id, first.error)
         ack = self.error.ack if self.error else "AA"
-        return Outcome(ack, self.status, self.message_id, self.error, self.result)
+        return Outcome(ack, self.status, self.message_id, self.error, self.result, self.queued_on)
 
 
 def _type_label(decoded: DecodedMessage | ParsedBody) -> str:

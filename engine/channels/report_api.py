@@ -194,8 +194,8 @@ async def _journal(engine: "Engine", channel: Channel, request: Request, body: b
     peer = f"{request.client.host}:{request.client.port}" if request.client else ""
     inbound = Inbound(channel.name, body, peer, engine.clock.utcnow(), parsed, error, content_type=CONTENT_TYPE)
     outcome = await engine.writer.submit_item(inbound)
-    if outcome.status == "processed":
-        engine.wake_dispatchers()
+    if outcome.queued_on:
+        engine.wake_dispatchers(*outcome.queued_on)
     return outcome
 
 

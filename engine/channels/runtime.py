@@ -241,8 +241,8 @@ class Engine:
             # not known to be stored: the sender must keep it and send it again, so never AA.
             log.exception("message not journaled", extra={"channel": channel.name, "peer": peer})
             return self._answer(channel, decoded, "AR", Unavailable("the message could not be stored; retry later"))
-        if outcome.status == "processed":
-            self.wake_dispatchers()
+        if outcome.queued_on:
+            self.wake_dispatchers(*outcome.queued_on)
         log.debug("message %s", outcome.status, extra={
             "channel": channel.name, "message_id": outcome.message_id, "ack": outcome.ack_code,
             "control_id": decoded.header.control_id if decoded else "", "peer": peer,

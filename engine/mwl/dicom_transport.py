@@ -165,8 +165,9 @@ def tune_connection(event: Event) -> None:
     pynetdicom reads a PDU 4 KiB per socket call, growing a bytearray as it goes: 128 calls and as many GIL
     hand-overs for each 512 KiB image. `read_exactly` asks the socket for everything still missing.
 
-    The DUL thread blocks until a PDU or a primitive comes instead of polling (DulWait, below), and so does the
-    association's reactor (ReactorGate, above); the association's end (`end_connection`, EVT_CONN_CLOSE) closes what that needs.
+    The DUL thread blocks until a PDU or a primitive comes instead of polling (DulWait, above), and so does the
+    association's reactor (ReactorGate, above); the association's end (`end_connection`, EVT_CONN_CLOSE) closes
+    what that needs.
     """
     transport = event.assoc.dul.socket
     if transport is None or transport.socket is None:

@@ -64,6 +64,7 @@ class Answer:
     error: EngineError | None = None
     message_id: int | None = None
     queued: int = 0
+    queued_on: tuple[str, ...] = ()  # the channels those deliveries are on
 
 
 class MppsService:
@@ -88,8 +89,8 @@ class MppsService:
             log.error("mpps request not journaled", extra={"operation": request.operation, "uid": request.uid,
                                                            "error": str(error)})
             return Answer(0x0110, error=error)
-        if answer.queued:
-            self.engine.wake_dispatchers_threadsafe()
+        if answer.queued_on:
+            self.engine.wake_dispatchers_threadsafe(*answer.queued_on)
         return answer
 
     def _work(self, request: Request, session: Session) -> Answer:
@@ -121,7 +122,8 @@ class MppsService:
         session.connection().execute(update(MESSAGE).where(MESSAGE.c.id == message_id).values(
             patient_id=change.patient_id, accession=change.accession))
         queued = sum(len(channel.destinations) for channel, _ in change.outbound)
-        return Answer(0x0000, change=change, message_id=message_id, queued=queued)
+        queued_on = tuple(dict.fromkeys(channel.name for channel, _ in change.outbound if channel.destinations))
+        return Answer(0x0000, change=change, message_id=message_id, queued=queued, queued_on=queued_on)
 
     def _change(self, session: Session, request: Request) -> Change:
         assert request.dataset is not None

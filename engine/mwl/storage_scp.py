@@ -113,11 +113,8 @@ def on_store(event: Event, router: ImageRouter, engine: "Engine") -> int | Datas
         log.error("image refused: %s", exc.__class__.__name__, extra={"calling_ae": calling})
         log.debug("storage failure", exc_info=True)
         return failure(0xC000, f"unable to process: {exc.__class__.__name__}")
-    woken = [router.channel.name] if stored.destinations else []
-    if stored.report is not None and stored.report.status == "processed":
-        woken.append(router.source.report_channel)
-    if woken:
-        engine.wake_dispatchers_threadsafe(*woken)
+    if stored.queued_on:
+        engine.wake_dispatchers_threadsafe(*stored.queued_on)
     if stored.coerced and router.source.coercion_status == "warning":
         return COERCED
     return SUCCESS

@@ -356,7 +356,8 @@ class CaptureService:
                 log.error(text, extra={"item": item_id})
             return
         self._update(item_id, state="sent", message_id=stored.message_id, error="")
-        self.engine.wake_dispatchers_threadsafe()
+        if stored.queued_on:
+            self.engine.wake_dispatchers_threadsafe(*stored.queued_on)
 
     def _write(self, work: Callable):
         """Writes go through the journal writer: SQLite has one writer, and a read transaction that later
