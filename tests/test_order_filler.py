@@ -340,6 +340,20 @@ def test_a_visit_change_moves_the_patients_open_orders_and_leaves_closed_ones(st
     assert locations(store)["A2611220001"] == "急诊留观"
 
 
+def test_an_order_held_by_the_session_sees_the_move(store):
+    """A journal batch is one session: an order another message of the batch loaded reads the new location after
+    a transfer, not the one it loaded."""
+    run(store, "01_adt_a04_utf8_v231.hl7")
+    run(store, "02_orm_o01_nw_utf8_v231.hl7")
+    ctx = ActorContext(channel="his", message_id=1, clock=CLOCK, ids=Ids(UID_ROOT), fields={}, settings=SETTINGS)
+    with store.session() as session:
+        held = session.scalars(select(ImagingOrder)).one()
+        assert held.patient_location == "放射科门诊"
+        with session.begin_nested():
+            OrderFiller().handle(session, decode(with_ward("01_adt_a04_utf8_v231.hl7", "A02", "ICU^1^^HOSP")), ctx)
+        assert held.patient_location == "ICU^1"
+
+
 def test_a_cancelled_transfer_takes_the_open_orders_back_and_a_discharge_keeps_them(store):
     """RAD-12's other visit events: A12 (cancel transfer) names the ward the patient is back in; A03 (discharge),
     A13 (cancel discharge) and A11 (cancel admit) are accepted as updates and keep every order."""
