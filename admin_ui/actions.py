@@ -70,7 +70,7 @@ async def resend_message(engine: "Engine", message_id: int) -> list[int]:
         return [_copy(session, d, None, now) for d in latest.values()]
 
     ids = await engine.writer.submit(work)
-    engine.wake_dispatchers()
+    engine.wake_dispatchers(*{channel for channel, _ in latest})
     return ids
 
 
@@ -90,7 +90,7 @@ async def resend_delivery(engine: "Engine", delivery_id: int, payload_text: str 
         return _copy(session, delivery, payload, engine.clock.utcnow())
 
     new_id = await engine.writer.submit(work)
-    engine.wake_dispatchers()
+    engine.wake_dispatchers(delivery.channel)
     return new_id
 
 
@@ -134,8 +134,8 @@ async def reprocess_message(engine: "Engine", message_id: int, edited_text: str 
     peer = f"{'edit' if edited_text is not None else 'reprocess'} of {message_id} by {who}"[:80]
     inbound = Inbound(channel.name, raw, peer, engine.clock.utcnow(), decoded, error, replay=True)
     outcome = await engine.writer.submit_item(inbound)
-    if outcome.status == "processed":
-        engine.wake_dispatchers()
+    if outcome.queued_on:
+        engine.wake_dispatchers(*outcome.queued_on)
     return {"message_id": outcome.message_id, "status": outcome.status, "ack_code": outcome.ack_code,
             "error": str(outcome.error) if outcome.error else ""}
 
