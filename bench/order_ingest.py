@@ -25,13 +25,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from peers import HL7_DIR, free_port, mllp_exchange, read_frame, running_engine  # noqa: E402
+from peers import free_port, mllp_exchange, read_frame, running_engine, sample_hl7  # noqa: E402
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
 
-
-def hl7(name: str) -> bytes:
-    return next(HL7_DIR.glob(f"{name}*")).read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r").strip(b"\r")
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -41,13 +38,13 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def a08(sender: int, n: int) -> bytes:
-    return hl7("18_adt_a08").replace(b"HIS26112200018", f"A08S{sender}N{n}".encode())
+    return sample_hl7("18_adt_a08").replace(b"HIS26112200018", f"A08S{sender}N{n}".encode())
 
 
 def orm(sender: int, n: int) -> bytes:
     """02's order with numbers of its own: control id, placer and filler numbers, accession, Study Instance UID."""
     tag = f"{sender:02d}{n:05d}"
-    out = hl7("02_orm_o01")
+    out = sample_hl7("02_orm_o01")
     for old, new in ((b"HIS26112200002", f"ORM{tag}".encode()), (b"HO2611220001", f"HO{tag}".encode()),
                      (b"RF2611220001", f"RF{tag}".encode()), (b"A2611220001", f"A{tag}".encode()),
                      (b"RP2611220001", f"RP{tag}".encode()), (b"SPS2611220001", f"SPS{tag}".encode()),
@@ -104,7 +101,7 @@ def main() -> None:
         port = ports["SWF_HL7_PORT"]
         with running_engine(REPO / "channels.yaml", Path(name) / "var", [port], env) as engine:
             for registration in ("01_adt_a04", "16_adt_a04"):  # the patients of 02's order and of the A08
-                assert b"MSA|AA" in mllp_exchange(port, hl7(registration))
+                assert b"MSA|AA" in mllp_exchange(port, sample_hl7(registration))
             pid = engine.process.pid
             print(f"swf-engine serve, shipped channels.yaml, SQLite; {args.messages} messages per kind over "
                   f"{args.connections} connections; cpus={os.cpu_count()}")

@@ -29,14 +29,11 @@ from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import CTImageStorage, Verification  # noqa: E402
 
 from orthanc_peer import Orthanc  # noqa: E402
-from peers import HL7_DIR, dcmtk_tool, free_port, mllp_exchange, running_engine  # noqa: E402
+from peers import dcmtk_tool, free_port, mllp_exchange, running_engine, sample_hl7  # noqa: E402
 
 WITH_NODELAY = {**os.environ, "TCP_NODELAY": "1"}
 NAGLE_ON = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
 
-
-def hl7(name: str) -> bytes:
-    return next(HL7_DIR.glob(f"{name}*")).read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r").strip(b"\r")
 
 
 def median_ms(samples: list[float]) -> float:
@@ -106,7 +103,7 @@ def main() -> None:
         try:
             with running_engine(REPO / "channels.yaml", tmp / "var", [hl7_port, dicom_port], env):
                 for message in ("01_adt_a04", "02_orm_o01"):
-                    mllp_exchange(hl7_port, hl7(message))
+                    mllp_exchange(hl7_port, sample_hl7(message))
                 find = [findscu, "-W", "-aec", "SWF_ENGINE", "-k", "AccessionNumber=A2611220001", "-k", "PatientName",
                         "127.0.0.1", str(dicom_port)]
                 rows.append(("associate (pynetdicom SCU)", f"{associate(dicom_port, 'SWF_ENGINE', args.runs):.1f}",
@@ -116,7 +113,7 @@ def main() -> None:
                                  f"{spawned([echoscu, '-aec', 'SWF_ENGINE', '127.0.0.1', str(dicom_port)], client_env, args.runs):.1f}",
                                  f"{spawned([echoscu, '-aec', 'ORTHANC', '127.0.0.1', str(orthanc.port)], client_env, args.runs):.1f}"))
                     rows.append((f"findscu worklist query, {label}", f"{spawned(find, client_env, args.runs):.1f}", ""))
-                adt = hl7("01_adt_a04")
+                adt = sample_hl7("01_adt_a04")
                 rows.append(("MLLP ACK, frame in one write", f"{mllp_acks(hl7_port, adt, args.runs, pieces=False):.1f}", ""))
                 rows.append(("MLLP ACK, frame in three writes, Nagle on",
                              f"{mllp_acks(hl7_port, adt, args.runs, pieces=True):.1f}", ""))

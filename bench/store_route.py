@@ -33,14 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from orthanc_peer import NODELAY_ENV, Orthanc, storescu_command, write_ct_study  # noqa: E402
-from peers import HL7_DIR, free_port, mllp_exchange, running_engine  # noqa: E402
+from peers import free_port, mllp_exchange, running_engine, sample_hl7  # noqa: E402
 
 ACCESSION = "A2611220001"
 
-
-def hl7(name: str) -> bytes:
-    data = next(HL7_DIR.glob(f"{name}*")).read_bytes()
-    return data.replace(b"\r\n", b"\r").replace(b"\n", b"\r").strip(b"\r")
 
 
 MODALITY_ENV = dict(NODELAY_ENV)  # --nagle takes TCP_NODELAY out
@@ -81,7 +77,7 @@ def routed(tmp: Path, files: list[Path]) -> tuple[float, float]:
     try:
         with running_engine(REPO / "channels.yaml", tmp / "var", [hl7_port, dicom_port], env):
             for name in ("01_adt_a04", "02_orm_o01"):
-                mllp_exchange(hl7_port, hl7(name))
+                mllp_exchange(hl7_port, sample_hl7(name))
             started = time.perf_counter()
             accepted = send(dicom_port, files, "SWF_ENGINE")
             wait_count(orthanc, len(files))

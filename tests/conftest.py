@@ -4,6 +4,7 @@ import pytest
 from hypothesis import settings
 
 from peers import dcmtk_tool
+from pg_peer import BACKENDS, database_url
 
 # Property and fuzz tests (tests/test_fuzz.py) run a fixed, reproducible budget in CI; `HYPOTHESIS_PROFILE=fuzz`
 # searches longer and at random on a workstation. No deadline: two cores shared by several jobs make timing noise.
@@ -31,6 +32,18 @@ def postgres():
     cluster = PostgresCluster().start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def store_on_each_backend(request, tmp_path):
+    """An empty store, migrated, once on SQLite and once on PostgreSQL: a module that runs on both takes it as its
+    `store`."""
+    from engine.store.db import Store
+
+    store = Store(database_url(request, request.param, tmp_path))
+    store.migrate()
+    yield store
+    store.dispose()
 
 
 @pytest.fixture

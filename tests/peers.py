@@ -24,6 +24,12 @@ HL7_DIR = SHARED / "data" / "hl7"
 
 
 @functools.lru_cache(maxsize=None)
+def sample_hl7(name: str) -> bytes:
+    """The shared sample message whose file name starts with `name`, its segments ended by CR alone."""
+    data = next(HL7_DIR.glob(f"{name}*")).read_bytes()
+    return data.replace(b"\r\n", b"\r").replace(b"\n", b"\r").strip(b"\r")
+
+
 def dcmtk_tool(name: str) -> str | None:
     """The DCMTK binary of that name on PATH: pynetdicom installs Python apps with the same names (cached: asking
     pyenv's shim of pynetdicom's script for --version costs most of a second)."""

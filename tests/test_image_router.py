@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from orthanc_peer import NODELAY_ENV, Orthanc, instance_file, orthanc_binary, storescu, storescu_command, \
     parse_storescu, write_ct_study
-from peers import HL7_DIR, REPO, free_port, mllp_exchange, msa, running_engine, worker_processes
+from peers import REPO, free_port, mllp_exchange, msa, running_engine, sample_hl7, worker_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk,
               pytest.mark.skipif(orthanc_binary() is None, reason="Orthanc is not installed: run scripts/test")]
@@ -32,10 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.dcmtk,
 ACCESSION = "A2611220001"
 ORDER_NAME = "WANG^XIAODONG=王^小东"
 
-
-def hl7(name: str) -> bytes:
-    data = next(HL7_DIR.glob(f"{name}*")).read_bytes()
-    return data.replace(b"\r\n", b"\r").replace(b"\n", b"\r").strip(b"\r")
 
 
 def journal(data_dir: Path, sql: str, *args):
@@ -64,7 +60,7 @@ class Site:
 
     def register_order(self) -> None:
         for name in ("01_adt_a04", "02_orm_o01"):
-            assert msa(mllp_exchange(self.hl7, hl7(name)))[1] == "AA"
+            assert msa(mllp_exchange(self.hl7, sample_hl7(name)))[1] == "AA"
 
     def spooled(self) -> list[Path]:
         root = self.data / "store"

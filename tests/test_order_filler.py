@@ -18,7 +18,6 @@ from engine.errors import DuplicateKey, EngineError, InvalidTransition, MissingF
 from engine.mappings.hl7_message import sniff_header
 from engine.store.db import Store
 from engine.store.tables import ImagingOrder, Message, Patient, ScheduledStep
-from pg_peer import BACKENDS, database_url
 
 HL7 = Path(__file__).resolve().parents[2] / "shared" / "data" / "hl7"
 FILES = sorted(p.name for p in HL7.glob("*.hl7"))
@@ -30,12 +29,9 @@ STATIONS = [StationRule(ae_titles=["CT_ROOM1", "CT_ROOM2"], modality="CT", stati
 SETTINGS = WorklistSettings(stations=STATIONS)
 
 
-@pytest.fixture(params=BACKENDS)
-def store(request, tmp_path):
-    store = Store(database_url(request, request.param, tmp_path))
-    store.migrate()
-    yield store
-    store.dispose()
+@pytest.fixture
+def store(store_on_each_backend):
+    return store_on_each_backend
 
 
 def decode(raw: bytes):

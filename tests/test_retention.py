@@ -26,18 +26,14 @@ from engine.store.tables import (
     Report,
     ReportVersion,
 )
-from pg_peer import BACKENDS, database_url
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 
 
-@pytest.fixture(params=BACKENDS)
-def store(request, tmp_path):
+@pytest.fixture
+def store(store_on_each_backend):
     """The journal on SQLite and on PostgreSQL: the pruner's deletes and re-checks run on both in production."""
-    store = Store(database_url(request, request.param, tmp_path))
-    store.migrate()
-    yield store
-    store.dispose()
+    return store_on_each_backend
 RAW_GB = "MSH|^~\\&|HIS|H|SWF|R|20261122||ADT^A04|C1|P|2.3.1||||||GB18030\rPID|1||1||區億東".encode("gb18030")
 
 
